@@ -1,0 +1,11 @@
+"""detectflow's Faster R-CNN (Ren et al. 2015), written from its parts in pure PyTorch.
+
+    from detector import build_detector, PRESETS, save_checkpoint, load_checkpoint
+    model = build_detector("tiny", num_classes=4)
+"""
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import PRESETS, DetectorConfig
+from .model import FasterRCNN, build_detector
+
+__all__ = ["PRESETS", "DetectorConfig", "FasterRCNN", "build_detector", "load_checkpoint", "save_checkpoint"]
