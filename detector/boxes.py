@@ -9,9 +9,10 @@ import math
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou
+from torchvision.ops import batched_nms as tv_batched_nms
+from torchvision.ops import box_iou, nms
 
-__all__ = ["BoxCoder", "box_iou", "clip_boxes", "min_size_mask"]
+__all__ = ["BoxCoder", "batched_nms", "box_iou", "clip_boxes", "min_size_mask"]
 
 # exp() of a larger regression would make a box more than 1000/16 times the anchor: clamp it.
 DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
@@ -92,3 +93,25 @@ def min_size_mask(boxes: Tensor, min_size: float) -> Tensor:
     widths = boxes[..., 2] - boxes[..., 0]
     heights = boxes[..., 3] - boxes[..., 1]
     return (widths >= min_size) & (heights >= min_size)
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
+    """Non-maximum suppression within each group (image, level or class); boxes of different groups
+    never suppress each other. Returns the kept indices sorted by decreasing score.
+
+    On the CPU the boxes are sorted by group once and NMS runs on each contiguous segment, so the
+    cost is Σ (group size)² instead of the (number of groups × number of boxes) scans of
+    ``torchvision.ops.batched_nms``'s per-group masks, which dominate when a whole batch (images ×
+    classes) is suppressed in one call. Results are identical to running ``nms`` per group.
+    """
+    if boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    if boxes.is_cuda:
+        return tv_batched_nms(boxes, scores, groups, iou_threshold)
+    order = torch.sort(groups, stable=True).indices
+    counts = torch.unique_consecutive(groups[order], return_counts=True)[1].tolist()
+    kept = []
+    for segment in order.split(counts):
+        kept.append(segment[nms(boxes[segment], scores[segment], iou_threshold)])
+    keep = torch.cat(kept)
+    return keep[torch.sort(scores[keep], descending=True, stable=True).indices]

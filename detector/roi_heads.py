@@ -12,9 +12,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import MultiScaleRoIAlign, RoIAlign, RoIPool, batched_nms, box_iou
+from torchvision.ops import MultiScaleRoIAlign, RoIAlign, RoIPool, box_iou
 
-from .boxes import BoxCoder, clip_boxes, min_size_mask
+from .boxes import BoxCoder, batched_nms, clip_boxes, min_size_mask
 from .rpn import rank_within_groups
 from .sampling import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, Matcher, sample_balanced
 

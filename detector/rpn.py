@@ -10,10 +10,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, box_iou
+from torchvision.ops import box_iou
 
 from .anchors import AnchorGenerator
-from .boxes import BoxCoder, clip_boxes, min_size_mask
+from .boxes import BoxCoder, batched_nms, clip_boxes, min_size_mask
 from .sampling import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, Matcher, sample_balanced
 
 
