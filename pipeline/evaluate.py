@@ -1,0 +1,135 @@
+"""COCO evaluation (pycocotools) of detections against ground truth.
+
+Boxes come in ``(x1, y1, x2, y2)`` pixels and are converted to COCO's ``(x, y, w, h)`` in memory;
+crowd regions (``iscrowd``) are honoured as COCO does (detections matching them are neither true nor
+false positives).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SUMMARY_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+@dataclass
+class ImageGT:
+    image_id: str
+    width: int
+    height: int
+    boxes: np.ndarray  # [N, 4] float, xyxy
+    labels: np.ndarray  # [N] int, 1..K
+    iscrowd: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # [N]
+
+
+@dataclass
+class ImageDT:
+    image_id: str
+    boxes: np.ndarray  # [M, 4] float, xyxy
+    scores: np.ndarray  # [M]
+    labels: np.ndarray  # [M]
+
+
+def _xywh(boxes: np.ndarray) -> np.ndarray:
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return np.stack([boxes[:, 0], boxes[:, 1], boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], axis=1)
+
+
+def coco_metrics(gt: Sequence[ImageGT], dt: Sequence[ImageDT], class_names: Sequence[str]) -> dict:
+    """COCO bbox metrics: AP, AP50, AP75, APs/m/l, AR1/10/100, ARs/m/l; ``per_class`` AP and AP50;
+    ``pr_curves`` (precision at 101 recall points, IoU 0.5, area all, 100 dets) per class.
+
+    ``class_names[label]`` names label ``label`` (index 0 is the background). Images of ``dt`` not
+    in ``gt`` are an error: they would be silently ignored by pycocotools.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    index = {item.image_id: i + 1 for i, item in enumerate(gt)}
+    unknown = sorted({d.image_id for d in dt} - set(index))
+    if unknown:
+        raise ValueError(f"detections for {len(unknown)} images without ground truth, e.g. {unknown[:3]}")
+    categories = [{"id": label, "name": name} for label, name in enumerate(class_names) if label > 0]
+    images, annotations = [], []
+    for item in gt:
+        images.append({"id": index[item.image_id], "width": int(item.width), "height": int(item.height)})
+        crowd = np.asarray(item.iscrowd, dtype=bool).reshape(-1)
+        if crowd.size == 0:
+            crowd = np.zeros(len(item.labels), dtype=bool)
+        for box, label, is_crowd in zip(_xywh(item.boxes), np.asarray(item.labels).reshape(-1), crowd):
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": index[item.image_id],
+                    "category_id": int(label),
+                    "bbox": box.tolist(),
+                    "area": float(box[2] * box[3]),
+                    "iscrowd": int(is_crowd),
+                }
+            )
+    results = []
+    for item in dt:
+        for box, score, label in zip(
+            _xywh(item.boxes), np.asarray(item.scores).reshape(-1), np.asarray(item.labels).reshape(-1)
+        ):
+            results.append(
+                {
+                    "image_id": index[item.image_id],
+                    "category_id": int(label),
+                    "bbox": box.tolist(),
+                    "score": float(score),
+                }
+            )
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = {"images": images, "annotations": annotations, "categories": categories}
+        coco_gt.createIndex()
+        if not results:
+            return _empty_metrics(categories, len(images), len(annotations))
+        coco_dt = coco_gt.loadRes(results)
+        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+
+    stats = [float(v) for v in evaluator.stats]
+    precision = evaluator.eval["precision"]  # [T IoU, R recall, K classes, A areas, M maxdets]
+    per_class, curves = [], {}
+    for k, category in enumerate(categories):
+        ap = _mean_valid(precision[:, :, k, 0, -1])
+        ap50 = _mean_valid(precision[0, :, k, 0, -1])
+        per_class.append({"label": category["id"], "name": category["name"], "AP": ap, "AP50": ap50})
+        curves[category["name"]] = [float(max(p, 0.0)) for p in precision[0, :, k, 0, -1]]
+    return {
+        **dict(zip(SUMMARY_NAMES, stats)),
+        "per_class": per_class,
+        "pr_curves": {"recall": [float(r) for r in evaluator.params.recThrs], "precision": curves},
+        "num_images": len(images),
+        "num_gt_boxes": len(annotations),
+        "num_detections": len(results),
+    }
+
+
+def _mean_valid(values: np.ndarray) -> float:
+    valid = values[values > -1]
+    return float(valid.mean()) if valid.size else -1.0
+
+
+def _empty_metrics(categories: list[dict], num_images: int, num_annotations: int) -> dict:
+    return {
+        **{name: 0.0 for name in SUMMARY_NAMES},
+        "per_class": [{"label": c["id"], "name": c["name"], "AP": 0.0, "AP50": 0.0} for c in categories],
+        "pr_curves": {
+            "recall": [i / 100 for i in range(101)],
+            "precision": {c["name"]: [0.0] * 101 for c in categories},
+        },
+        "num_images": num_images,
+        "num_gt_boxes": num_annotations,
+        "num_detections": 0,
+    }
