@@ -60,7 +60,7 @@ class StorageError(OSError):
 # ----------------------------------------------------------------------------------- URIs
 
 
-_USERINFO = re.compile(r"^(?P<scheme>[a-zA-Z][\w+.-]*://)(?P<userinfo>[^@/]*@)")
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)(?P<userinfo>[^@/\s]*@)")
 _SECRET_QUERY = re.compile(
     r"(?i)([?&](?:x-amz-signature|x-amz-credential|x-amz-security-token|signature|sig|token|"
     r"access_token|key|secret|password|credential)[^=&]*=)[^&]*"
@@ -207,9 +207,7 @@ def is_transient(exc: BaseException) -> bool:
             return True
         if any(m in text for m in _TRANSIENT_MESSAGES):
             return True
-    return not isinstance(exc, _PERMANENT_TYPES) and isinstance(exc, OSError) and not isinstance(
-        exc, FileExistsError
-    )
+    return not isinstance(exc, _PERMANENT_TYPES) and isinstance(exc, OSError) and not isinstance(exc, FileExistsError)
 
 
 def with_retries(
@@ -242,8 +240,15 @@ def with_retries(
                 ) from exc
             delay = min(RETRY_MAX_DELAY_S, RETRY_BASE_DELAY_S * 2 ** (attempt - 1))
             delay *= 0.5 + random.random() / 2
-            log.warning("%s %s: transient %s (attempt %d/%d), retrying in %.2fs", what, safe_uri,
-                        type(exc).__name__, attempt, attempts, delay)
+            log.warning(
+                "%s %s: transient %s (attempt %d/%d), retrying in %.2fs",
+                what,
+                safe_uri,
+                type(exc).__name__,
+                attempt,
+                attempts,
+                delay,
+            )
             if on_retry is not None:
                 on_retry(attempt, exc)
             time.sleep(delay)
