@@ -74,8 +74,12 @@ def run(batch: int, height: int, width: int, repeats: int, presets: list[str]) -
             "ratio_ours_channels_last_vs_torchvision": per_second["ours_channels_last"] / per_second["torchvision"],
             "detections_in_batch": detections,
         }
-        print(preset, {k: round(v, 3) for k, v in per_second.items()},
-              "ratio", round(figures[preset]["ratio_ours_vs_torchvision"], 3))
+        print(
+            preset,
+            {k: round(v, 3) for k, v in per_second.items()},
+            "ratio",
+            round(figures[preset]["ratio_ours_vs_torchvision"], 3),
+        )
     return figures
 
 
@@ -86,8 +90,13 @@ def ours_only(preset: str, batch: int, height: int, width: int, repeats: int) ->
     with torch.inference_mode():
         model(images[:1])
         seconds = [timed(lambda: model(images)) for _ in range(repeats)]
-    result = {"images_per_s": batch / median(seconds), "seconds_per_batch": seconds, "batch": batch,
-              "input": [height, width], "resized_to_min_size": model.config.min_size}
+    result = {
+        "images_per_s": batch / median(seconds),
+        "seconds_per_batch": seconds,
+        "batch": batch,
+        "input": [height, width],
+        "resized_to_min_size": model.config.min_size,
+    }
     print(preset, round(result["images_per_s"], 3), "images/s")
     return result
 

@@ -1,7 +1,7 @@
 """detectflow's Faster R-CNN (Ren et al. 2015), written from its parts in pure PyTorch.
 
-    from detector import build_detector, PRESETS, save_checkpoint, load_checkpoint
-    model = build_detector("tiny", num_classes=4)
+Usage: ``model = build_detector("tiny", num_classes=4)``; ``save_checkpoint(model, path)``;
+``load_checkpoint(path)``. ``PRESETS`` names the available configurations.
 """
 
 from .checkpoint import load_checkpoint, save_checkpoint

@@ -53,7 +53,10 @@ class AnchorGenerator(nn.Module):
         return [len(s) * len(r) for s, r in zip(self.sizes, self.aspect_ratios)]
 
     def forward(
-        self, padded_size: tuple[int, int], feature_sizes: Sequence[tuple[int, int]], device: torch.device,
+        self,
+        padded_size: tuple[int, int],
+        feature_sizes: Sequence[tuple[int, int]],
+        device: torch.device,
         dtype: torch.dtype = torch.float32,
     ) -> list[Tensor]:
         """Anchors per level, each ``[H_l·W_l·A_l, 4]``, for a batch padded to ``padded_size``.

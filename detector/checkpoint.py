@@ -59,13 +59,9 @@ def load_checkpoint(
 
     if payload.get("format") == FORMAT:
         if preset is not None and preset != payload["preset"]:
-            raise ValueError(
-                f"checkpoint {_name(file)} is of preset {payload['preset']!r}, not {preset!r}"
-            )
+            raise ValueError(f"checkpoint {_name(file)} is of preset {payload['preset']!r}, not {preset!r}")
         if num_classes is not None and num_classes != payload["num_classes"]:
-            raise ValueError(
-                f"checkpoint {_name(file)} has {payload['num_classes']} classes, not {num_classes}"
-            )
+            raise ValueError(f"checkpoint {_name(file)} has {payload['num_classes']} classes, not {num_classes}")
         model = build_detector(
             payload["preset"],
             payload["num_classes"],
@@ -75,9 +71,7 @@ def load_checkpoint(
         state_dict = payload["state_dict"]
     else:
         if preset is None:
-            raise ValueError(
-                f"{_name(file)} is a bare state dict: say which preset it is (one of {sorted(PRESETS)})"
-            )
+            raise ValueError(f"{_name(file)} is a bare state dict: say which preset it is (one of {sorted(PRESETS)})")
         state_dict = payload.get("model", payload)  # torchvision's reference scripts nest it
         if num_classes is None:
             weight = state_dict.get("roi_heads.box_predictor.cls_score.weight")

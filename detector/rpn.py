@@ -260,9 +260,7 @@ class RegionProposalNetwork(nn.Module):
             box_loss = F.l1_loss(pred_deltas[positive], targets, reduction="sum")
         else:
             box_loss = F.smooth_l1_loss(pred_deltas[positive], targets, beta=self.smooth_l1_beta, reduction="sum")
-        objectness_loss = F.binary_cross_entropy_with_logits(
-            objectness[sampled], labels[sampled], reduction="sum"
-        )
+        objectness_loss = F.binary_cross_entropy_with_logits(objectness[sampled], labels[sampled], reduction="sum")
         return {
             "loss_objectness": objectness_loss / num_sampled,
             "loss_rpn_box_reg": box_loss / num_sampled,

@@ -41,9 +41,7 @@ def _shape_mask(kind: int, size: int, rng: np.random.Generator) -> np.ndarray:
     return left & right
 
 
-def make_image(
-    seed: int, index: int, size: int | tuple[int, int] = 128, max_objects: int = 4
-) -> SyntheticImage:
+def make_image(seed: int, index: int, size: int | tuple[int, int] = 128, max_objects: int = 4) -> SyntheticImage:
     """The ``index``-th image of the synthetic dataset ``seed``; ``size`` is ``H`` or ``(H, W)``."""
     height, width = (size, size) if isinstance(size, int) else size
     if height < 16 or width < 16:

@@ -12,9 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def validate_inputs(
-    images: Sequence[Tensor], targets: Sequence[dict[str, Tensor]] | None, num_classes: int
-) -> None:
+def validate_inputs(images: Sequence[Tensor], targets: Sequence[dict[str, Tensor]] | None, num_classes: int) -> None:
     """Raise ``ValueError`` naming the image index for malformed images or targets."""
     if not isinstance(images, (list, tuple)):
         raise ValueError(f"images must be a list of [3,H,W] float tensors, got {type(images).__name__}")
@@ -55,15 +53,12 @@ def validate_inputs(
         degenerate = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
         if degenerate.any():
             j = int(torch.nonzero(degenerate)[0])
-            raise ValueError(
-                f"target {i}: box {j} {boxes[j].tolist()} is degenerate (need x2 > x1 and y2 > y1)"
-            )
+            raise ValueError(f"target {i}: box {j} {boxes[j].tolist()} is degenerate (need x2 > x1 and y2 > y1)")
         bad_label = (labels < 1) | (labels >= num_classes)
         if bad_label.any():
             j = int(torch.nonzero(bad_label)[0])
             raise ValueError(
-                f"target {i}: label {int(labels[j])} of box {j} out of range [1, {num_classes - 1}] "
-                "(0 is background)"
+                f"target {i}: label {int(labels[j])} of box {j} out of range [1, {num_classes - 1}] (0 is background)"
             )
 
 

@@ -12,8 +12,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-ingest_app = typer.Typer(help="Turn images in object storage into a dataset of Parquet image shards.",
-                         no_args_is_help=True)
+ingest_app = typer.Typer(
+    help="Turn images in object storage into a dataset of Parquet image shards.", no_args_is_help=True
+)
 app.add_typer(ingest_app, name="ingest")
 
 

@@ -16,8 +16,12 @@ from detector.sampling import Matcher, sample_balanced
 
 def _rpn(**kwargs) -> RegionProposalNetwork:
     settings = dict(
-        fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256, positive_fraction=0.5,
-        pre_nms_top_n={"training": 100, "testing": 100}, post_nms_top_n={"training": 50, "testing": 50},
+        fg_iou_thresh=0.7,
+        bg_iou_thresh=0.3,
+        batch_size_per_image=256,
+        positive_fraction=0.5,
+        pre_nms_top_n={"training": 100, "testing": 100},
+        post_nms_top_n={"training": 50, "testing": 50},
         nms_thresh=0.7,
     )
     settings.update(kwargs)
