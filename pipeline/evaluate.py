@@ -116,6 +116,104 @@ def coco_metrics(gt: Sequence[ImageGT], dt: Sequence[ImageDT], class_names: Sequ
     }
 
 
+def evaluate(dataset_uri: str, out_uri: str, *, storage_options=None, write: bool = True) -> dict:
+    """COCO metrics of the committed detections at ``out_uri`` against the ground truth of the
+    dataset at ``dataset_uri`` (images of uncommitted shards are left out of both). Writes
+    ``OUT_URI/metrics.json`` and a precision-recall plot ``OUT_URI/pr_curve.png`` when ``write``."""
+    from . import storage
+    from .dataset import gt_targets, open_dataset, read_shard
+    from .outputs import OutputStore
+
+    dataset = open_dataset(dataset_uri, storage_options)
+    if not dataset.has_labels:
+        raise ValueError(f"dataset {storage.redact(dataset_uri)} has no ground-truth labels to evaluate against")
+    store = OutputStore(out_uri, storage_options)
+    committed = store.committed_names()
+    shards = [s for s in dataset.shards if s.name in committed]
+    if not shards:
+        raise ValueError(f"no committed outputs of dataset {storage.redact(dataset_uri)} in {storage.redact(out_uri)}")
+    gt = []
+    for shard in shards:
+        table = read_shard(
+            shard.uri, ["image_id", "width", "height", "gt_boxes", "gt_labels", "gt_iscrowd"], storage_options
+        )
+        for image_id, width, height, (boxes, labels, crowd) in zip(
+            table.column("image_id").to_pylist(),
+            table.column("width").to_pylist(),
+            table.column("height").to_pylist(),
+            gt_targets(table),
+        ):
+            gt.append(ImageGT(image_id, width or 0, height or 0, boxes, labels, crowd))
+    detections = store.read_table("detections", [s.name for s in shards])
+    by_image: dict[str, list[int]] = {}
+    for row, image_id in enumerate(detections.column("image_id").to_pylist()):
+        by_image.setdefault(image_id, []).append(row)
+    boxes = (
+        np.stack([detections.column(c).to_numpy() for c in ("x1", "y1", "x2", "y2")], axis=1)
+        if detections.num_rows
+        else np.zeros((0, 4), dtype=np.float32)
+    )
+    scores = detections.column("score").to_numpy()
+    labels = detections.column("label").to_numpy()
+    dt = [
+        ImageDT(
+            item.image_id,
+            boxes[by_image.get(item.image_id, [])],
+            scores[by_image.get(item.image_id, [])],
+            labels[by_image.get(item.image_id, [])],
+        )
+        for item in gt
+    ]
+    metrics = coco_metrics(gt, dt, dataset.class_names)
+    metrics["dataset"] = storage.redact(dataset.uri)
+    metrics["outputs"] = storage.redact(store.uri)
+    if write:
+        storage.write_json(storage.join(store.uri, "metrics.json"), metrics, storage_options)
+        storage.write_bytes(storage.join(store.uri, "pr_curve.png"), pr_curve_png(metrics), storage_options)
+    return metrics
+
+
+def pr_curve_png(metrics: dict) -> bytes:
+    """Precision-recall curves at IoU 0.5 per class, as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 5), dpi=100)
+    recall = metrics["pr_curves"]["recall"]
+    ap50 = {row["name"]: row["AP50"] for row in metrics["per_class"]}
+    ranked = sorted(metrics["pr_curves"]["precision"].items(), key=lambda kv: -ap50.get(kv[0], 0))
+    for name, precision in ranked[:12]:
+        axis.plot(recall, precision, label=f"{name} (AP50 {ap50.get(name, 0):.2f})")
+    axis.set(
+        xlabel="recall",
+        ylabel="precision",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+        title=f"Precision-recall at IoU 0.5 — mAP@0.5 {metrics['AP50']:.3f}",
+    )
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="lower left")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def format_metrics(metrics: dict) -> str:
+    """The summary numbers and the per-class table as text."""
+    lines = [
+        "  ".join(f"{name} {metrics[name]:.3f}" for name in SUMMARY_NAMES[:6]),
+        "  ".join(f"{name} {metrics[name]:.3f}" for name in SUMMARY_NAMES[6:]),
+        "",
+        f"{'class':<20} {'AP':>6} {'AP50':>6}",
+    ]
+    for row in sorted(metrics["per_class"], key=lambda r: -r["AP"]):
+        lines.append(f"{row['name']:<20} {row['AP']:>6.3f} {row['AP50']:>6.3f}")
+    return "\n".join(lines)
+
+
 def _mean_valid(values: np.ndarray) -> float:
     valid = values[values > -1]
     return float(valid.mean()) if valid.size else -1.0

@@ -380,3 +380,14 @@ def ensure_bucket(uri: str, storage_options: StorageOptions | None = None) -> No
         fs.ls(bucket)
 
     with_retries(check, uri=uri, what="opening bucket of")
+
+
+def relative_path(uri: str, prefix: str) -> str:
+    """The path of ``uri`` below ``prefix`` (``"a/b.jpg"``), compared as filesystem paths so that
+    spellings of the same location (``memory://x`` / ``memory:///x``) agree."""
+    _, path = filesystem(uri)
+    _, root = filesystem(prefix)
+    path, root = path.rstrip("/"), root.rstrip("/")
+    if not path.startswith(root + "/"):
+        raise ValueError(f"{redact(uri)} is not below {redact(prefix)}")
+    return path[len(root) + 1 :]

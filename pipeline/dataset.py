@@ -1,0 +1,336 @@
+"""Datasets of image shards: Parquet files of encoded images (+ ground truth) and a JSON descriptor.
+
+Layout at ``DATA_URI/``::
+
+    dataset.json                  descriptor: categories, shards with row counts, source, and every
+                                  input that did not become a clean row, with the reason
+    shards/shard-00000.parquet    rows: image_id, image (the stored bytes, never re-encoded), source,
+    shards/shard-00001.parquet    width, height (as displayed; null when unknown), gt_boxes (xyxy),
+    …                             gt_labels, gt_iscrowd (null for unlabelled data)
+
+Shards are written whole and atomically, the descriptor last: a reader sees only complete shards,
+and an interrupted ingest leaves at most unlisted shard files that the next ingest overwrites.
+Images are stored as they were (no decoding or re-encoding at ingest), in row groups of
+``ROW_GROUP_SIZE`` images so that readers can stream a shard.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import storage
+from .storage import StorageOptions
+
+FORMAT = "detectflow.dataset/1"
+DESCRIPTOR = "dataset.json"
+SHARDS_DIR = "shards"
+# Images per shard. bench/io.py measured read throughput from the S3 server against shard size:
+# per-request overhead is amortised from ~128 images (~20 MB of COCO photos) on, and smaller shards
+# spread work more evenly over actors. 256 COCO photos ≈ 40 MB: a few seconds of work per shard on
+# a GPU, while a CPU actor handles it in under a minute, so retries of a lost shard stay cheap.
+DEFAULT_SHARD_SIZE = 256
+ROW_GROUP_SIZE = 32
+# Keep a list of at most this many names per descriptor list (counts are always exact).
+MAX_LISTED = 1000
+
+SHARD_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("source", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("gt_boxes", pa.list_(pa.list_(pa.float32(), 4))),
+        pa.field("gt_labels", pa.list_(pa.int32())),
+        pa.field("gt_iscrowd", pa.list_(pa.bool_())),
+    ]
+)
+_COMPRESSION = {name: ("none" if name == "image" else "zstd") for name in SHARD_SCHEMA.names}
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str  # e.g. "shard-00003"
+    uri: str
+    num_images: int
+    num_bytes: int
+
+
+@dataclass
+class Dataset:
+    uri: str
+    categories: list[dict[str, Any]]  # [{"label": 1, "name": "person", "source_id": 1}, …]
+    shards: list[ShardInfo]
+    source: dict[str, Any]
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    invalid: list[dict[str, Any]] = field(default_factory=list)
+    cleaned: list[dict[str, Any]] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    created_at: str | None = None
+
+    @property
+    def num_images(self) -> int:
+        return sum(s.num_images for s in self.shards)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Index = label; ``[0]`` is the background."""
+        names = ["__background__"] * (max((c["label"] for c in self.categories), default=0) + 1)
+        for category in self.categories:
+            names[category["label"]] = category["name"]
+        return names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def has_labels(self) -> bool:
+        return bool(self.source.get("labelled")) and bool(self.categories)
+
+
+def descriptor_uri(uri: str) -> str:
+    return storage.join(uri, DESCRIPTOR)
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def open_dataset(uri: str, storage_options: StorageOptions | None = None) -> Dataset:
+    """The dataset at ``uri``; a clear error naming the URI when there is none."""
+    uri = storage.normalize(uri)
+    try:
+        payload = storage.read_json(descriptor_uri(uri), storage_options)
+    except storage.StorageError as exc:
+        if not exc.transient:
+            raise FileNotFoundError(
+                f"no dataset at {storage.redact(uri)} (missing {DESCRIPTOR}; create one with "
+                "`detectflow ingest` or `detectflow synth`)"
+            ) from exc
+        raise
+    except ValueError as exc:
+        raise ValueError(f"{storage.redact(descriptor_uri(uri))} is not valid JSON: {exc}") from exc
+    if payload.get("format") != FORMAT:
+        raise ValueError(f"{storage.redact(descriptor_uri(uri))} is not a {FORMAT} descriptor")
+    shards = [
+        ShardInfo(s["name"], storage.join(uri, SHARDS_DIR, f"{s['name']}.parquet"), s["num_images"], s["num_bytes"])
+        for s in payload["shards"]
+    ]
+    return Dataset(
+        uri=uri,
+        categories=payload["categories"],
+        shards=shards,
+        source=payload.get("source", {}),
+        rejected=payload.get("rejected", []),
+        invalid=payload.get("invalid", []),
+        cleaned=payload.get("cleaned", []),
+        counts=payload.get("counts", {}),
+        created_at=payload.get("created_at"),
+    )
+
+
+def read_shard(
+    uri: str, columns: Sequence[str] | None = None, storage_options: StorageOptions | None = None
+) -> pa.Table:
+    """A whole shard (or some of its columns) as an Arrow table."""
+    data = storage.read_bytes(uri, storage_options)
+    try:
+        return pq.read_table(io.BytesIO(data), columns=list(columns) if columns else None)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ValueError(f"shard {storage.redact(uri)} is not a readable Parquet file: {exc}") from exc
+
+
+def iter_shard_batches(
+    uri: str,
+    batch_size: int,
+    columns: Sequence[str] | None = None,
+    storage_options: StorageOptions | None = None,
+) -> Iterator[pa.RecordBatch]:
+    """Stream a shard in record batches of at most ``batch_size`` rows. The object is fetched in
+    one request (retried as a whole on transient errors; shards are bounded in size), then decoded
+    row group by row group."""
+    data = storage.read_bytes(uri, storage_options)
+    try:
+        parquet = pq.ParquetFile(io.BytesIO(data))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ValueError(f"shard {storage.redact(uri)} is not a readable Parquet file: {exc}") from exc
+    yield from parquet.iter_batches(batch_size=batch_size, columns=list(columns) if columns else None)
+
+
+def gt_targets(table: pa.Table | pa.RecordBatch) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per row: ``boxes [N,4] float32`` (xyxy), ``labels [N] int64``, ``iscrowd [N] bool``
+    (empty arrays for rows without ground truth)."""
+    boxes_col = table.column("gt_boxes").to_pylist()
+    labels_col = table.column("gt_labels").to_pylist()
+    crowd_col = table.column("gt_iscrowd").to_pylist()
+    out = []
+    for boxes, labels, crowd in zip(boxes_col, labels_col, crowd_col):
+        labels = labels or []
+        out.append(
+            (
+                np.asarray(boxes or [], dtype=np.float32).reshape(-1, 4),
+                np.asarray(labels, dtype=np.int64),
+                np.asarray(crowd if crowd is not None else [False] * len(labels), dtype=bool),
+            )
+        )
+    return out
+
+
+def known_column(dataset: Dataset, column: str, storage_options: StorageOptions | None = None) -> set[str]:
+    """All values of a string column (``image_id`` or ``source``) over the dataset's shards."""
+    values: set[str] = set()
+    for shard in dataset.shards:
+        values.update(v for v in read_shard(shard.uri, [column], storage_options).column(column).to_pylist() if v)
+    return values
+
+
+def known_sources(dataset: Dataset, storage_options: StorageOptions | None = None) -> set[str]:
+    """Source URIs already in the dataset (incremental ingest skips them)."""
+    return known_column(dataset, "source", storage_options)
+
+
+class DatasetWriter:
+    """Streams rows into shards of ``shard_size`` images; at most one shard is held in memory.
+
+    ``append=True`` continues an existing dataset: new shards are numbered after the existing
+    ones, and an ``image_id`` already present is rejected rather than duplicated.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        categories: Sequence[dict[str, Any]],
+        source: dict[str, Any],
+        shard_size: int = DEFAULT_SHARD_SIZE,
+        storage_options: StorageOptions | None = None,
+        append: bool = False,
+    ):
+        if shard_size < 1:
+            raise ValueError(f"shard size must be ≥ 1, got {shard_size}")
+        self.uri = storage.normalize(uri)
+        self.shard_size = shard_size
+        self.storage_options = storage_options
+        self.categories = list(categories)
+        self.source = dict(source)
+        self.shards: list[ShardInfo] = []
+        self.rejected: list[dict[str, Any]] = []
+        self.invalid: list[dict[str, Any]] = []
+        self.cleaned: list[dict[str, Any]] = []
+        self.counts = {"rows": 0, "rejected": 0, "invalid": 0, "cleaned": 0, "skipped": 0}
+        self.skipped: list[str] = []
+        self.created_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self._image_ids: set[str] = set()
+        self._rows: list[dict[str, Any]] = []
+        if append and storage.exists(descriptor_uri(self.uri), storage_options):
+            existing = open_dataset(self.uri, storage_options)
+            if existing.categories and self.categories and existing.categories != self.categories:
+                raise ValueError(f"cannot append to {storage.redact(self.uri)}: its categories differ")
+            self.categories = existing.categories or self.categories
+            self.shards = list(existing.shards)
+            self.rejected, self.invalid, self.cleaned = existing.rejected, existing.invalid, existing.cleaned
+            self.counts.update(existing.counts)
+            self.created_at = existing.created_at or self.created_at
+            self.source = {**existing.source, **self.source}
+            self._image_ids = known_column(existing, "image_id", storage_options)
+
+    def add(
+        self,
+        image_id: str,
+        image: bytes,
+        source: str | None,
+        *,
+        width: int | None = None,
+        height: int | None = None,
+        gt_boxes: Sequence[Sequence[float]] | np.ndarray | None = None,
+        gt_labels: Sequence[int] | np.ndarray | None = None,
+        gt_iscrowd: Sequence[bool] | np.ndarray | None = None,
+    ) -> bool:
+        """Add one image; returns False (and records the rejection) for a duplicate ``image_id``."""
+        if image_id in self._image_ids:
+            self.reject(source or image_id, f"duplicate image_id {image_id!r}")
+            return False
+        self._image_ids.add(image_id)
+        self._rows.append(
+            {
+                "image_id": image_id,
+                "image": image,
+                "source": source,
+                "width": width,
+                "height": height,
+                "gt_boxes": None
+                if gt_boxes is None
+                else np.asarray(gt_boxes, dtype=np.float32).reshape(-1, 4).tolist(),
+                "gt_labels": None if gt_labels is None else [int(v) for v in gt_labels],
+                "gt_iscrowd": None if gt_iscrowd is None else [bool(v) for v in gt_iscrowd],
+            }
+        )
+        self.counts["rows"] += 1
+        if len(self._rows) >= self.shard_size:
+            self._flush()
+        return True
+
+    def reject(self, item: str, reason: str) -> None:
+        """An input that did not become a row."""
+        self.counts["rejected"] += 1
+        if len(self.rejected) < MAX_LISTED:
+            self.rejected.append({"input": item, "reason": reason})
+
+    def mark_invalid(self, image_id: str, reason: str) -> None:
+        """A row whose image cannot be decoded (kept so that inference reports it as an error row)."""
+        self.counts["invalid"] += 1
+        if len(self.invalid) < MAX_LISTED:
+            self.invalid.append({"image_id": image_id, "reason": reason})
+
+    def clean(self, item: str, reason: str) -> None:
+        """An annotation that was repaired (e.g. clipped to the image) rather than dropped."""
+        self.counts["cleaned"] += 1
+        if len(self.cleaned) < MAX_LISTED:
+            self.cleaned.append({"input": item, "reason": reason})
+
+    def skip(self, name: str) -> None:
+        """A file that is not an input of this kind of dataset (e.g. not an image)."""
+        self.counts["skipped"] += 1
+        if len(self.skipped) < MAX_LISTED:
+            self.skipped.append(name)
+
+    def _flush(self) -> None:
+        if not self._rows:
+            return
+        table = pa.Table.from_pylist(self._rows, schema=SHARD_SCHEMA)
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, row_group_size=ROW_GROUP_SIZE, compression=_COMPRESSION)
+        name = shard_name(len(self.shards))
+        uri = storage.join(self.uri, SHARDS_DIR, f"{name}.parquet")
+        storage.write_bytes(uri, buffer.getvalue(), self.storage_options)
+        self.shards.append(ShardInfo(name, uri, table.num_rows, buffer.tell()))
+        self._rows = []
+
+    def close(self) -> Dataset:
+        """Write the last shard and then the descriptor; returns the dataset."""
+        self._flush()
+        payload = {
+            "format": FORMAT,
+            "categories": self.categories,
+            "shards": [{"name": s.name, "num_images": s.num_images, "num_bytes": s.num_bytes} for s in self.shards],
+            "num_images": sum(s.num_images for s in self.shards),
+            "source": self.source,
+            "rejected": self.rejected,
+            "invalid": self.invalid,
+            "cleaned": self.cleaned,
+            "skipped": self.skipped,
+            "counts": self.counts,
+            "created_at": self.created_at,
+            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        storage.write_json(descriptor_uri(self.uri), payload, self.storage_options)
+        return open_dataset(self.uri, self.storage_options)

@@ -1,0 +1,281 @@
+"""Ingest: COCO-format datasets, prefixes of image files, and the synthetic generator → datasets
+of image shards (:mod:`pipeline.dataset`).
+
+Every ingest streams: files are read by a bounded pool of threads (many small objects need
+concurrency, not bandwidth) and written out shard by shard, so memory stays bounded by the shard
+size whatever the dataset size. Nothing is dropped silently: every input becomes a row or is listed
+in the descriptor with its reason (``rejected``; repaired annotations under ``cleaned``; files that
+are not images under ``skipped``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from . import storage
+from .dataset import DEFAULT_SHARD_SIZE, Dataset, DatasetWriter, known_sources, open_dataset
+from .decode import DecodeError, probe
+from .storage import StorageOptions
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+READ_THREADS = 16
+READ_WINDOW = 64  # files in flight at most: bounds memory to ~64 images
+Progress = Callable[[int], None] | None
+
+
+def read_many(
+    uris: Iterable[str], storage_options: StorageOptions | None = None, threads: int = READ_THREADS
+) -> Iterator[tuple[str, bytes | storage.StorageError]]:
+    """``(uri, bytes or the StorageError)`` in input order, at most ``READ_WINDOW`` in flight."""
+    pending: list[tuple[str, Future]] = []
+
+    def read(uri: str) -> bytes | storage.StorageError:
+        try:
+            return storage.read_bytes(uri, storage_options)
+        except storage.StorageError as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for uri in uris:
+            pending.append((uri, pool.submit(read, uri)))
+            if len(pending) >= READ_WINDOW:
+                head_uri, head = pending.pop(0)
+                yield head_uri, head.result()
+        for uri, future in pending:
+            yield uri, future.result()
+
+
+# --------------------------------------------------------------------------------------- COCO
+
+
+def ingest_coco(
+    images_uri: str,
+    annotations_uri: str,
+    out_uri: str,
+    *,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    storage_options: StorageOptions | None = None,
+    progress: Progress = None,
+) -> Dataset:
+    """A COCO instances JSON and its images folder/prefix → a labelled dataset.
+
+    Boxes go from COCO ``xywh`` to ``xyxy``; ``iscrowd`` is kept; category ids map to contiguous
+    labels ``1..K`` in id order (names and source ids kept). ``image_id`` is the COCO id as a string.
+    Rules for bad inputs: an image listed in the JSON but missing, undecodable, or whose decoded
+    size differs from the JSON's (including an EXIF rotation that swaps it: its boxes would be
+    ambiguous) is rejected with the reason; an annotation with non-positive size, an unknown
+    category or lying entirely outside its image is rejected, naming the annotation id; one reaching
+    partly outside is clipped and listed under ``cleaned``. Files not listed in the JSON are not
+    inputs of a COCO dataset and are ignored.
+    """
+    try:
+        coco = json.loads(storage.read_bytes(annotations_uri, storage_options))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{storage.redact(annotations_uri)} is not valid JSON: {exc}") from exc
+    for key in ("images", "annotations", "categories"):
+        if key not in coco:
+            raise ValueError(f"{storage.redact(annotations_uri)} is not a COCO instances file: no {key!r}")
+    sorted_categories = sorted(coco["categories"], key=lambda c: c["id"])
+    label_of = {c["id"]: i + 1 for i, c in enumerate(sorted_categories)}
+    categories = [{"label": label_of[c["id"]], "name": c["name"], "source_id": c["id"]} for c in sorted_categories]
+    writer = DatasetWriter(
+        out_uri,
+        categories=categories,
+        source={
+            "kind": "coco",
+            "images": storage.redact(images_uri),
+            "annotations": storage.redact(annotations_uri),
+            "labelled": True,
+        },
+        shard_size=shard_size,
+        storage_options=storage_options,
+    )
+    annotations_of: dict[Any, list[dict]] = defaultdict(list)
+    image_ids = {image["id"] for image in coco["images"]}
+    for annotation in coco["annotations"]:
+        if annotation.get("image_id") not in image_ids:
+            writer.reject(f"annotation {annotation.get('id')}", f"refers to unknown image {annotation.get('image_id')}")
+            continue
+        annotations_of[annotation["image_id"]].append(annotation)
+
+    images = coco["images"]
+    uris = (storage.join(images_uri, image["file_name"]) for image in images)
+    for done, (image, (uri, data)) in enumerate(zip(images, read_many(uris, storage_options)), start=1):
+        image_id = str(image["id"])
+        if isinstance(data, storage.StorageError):
+            reason = "missing file" if not data.transient else f"unreadable: {data}"
+            writer.reject(f"image {image_id} ({image['file_name']})", reason)
+        else:
+            _add_coco_image(writer, image, image_id, uri, data, annotations_of[image["id"]], label_of)
+        if progress is not None:
+            progress(done)
+    return writer.close()
+
+
+def _add_coco_image(
+    writer: DatasetWriter,
+    image: dict,
+    image_id: str,
+    uri: str,
+    data: bytes,
+    annotations: list[dict],
+    label_of: dict[Any, int],
+) -> None:
+    size = probe(data, image_id)
+    if isinstance(size, DecodeError):
+        writer.reject(f"image {image_id} ({image['file_name']})", size.message)
+        return
+    width, height = size
+    declared = (image.get("width"), image.get("height"))
+    if declared != (None, None) and declared != (width, height):
+        swapped = declared == (height, width)
+        why = "EXIF orientation swaps it to" if swapped else "the file is"
+        writer.reject(
+            f"image {image_id} ({image['file_name']})",
+            f"annotated as {declared[0]}×{declared[1]} but {why} {width}×{height}: boxes would be misplaced",
+        )
+        return
+    boxes, labels, crowd = [], [], []
+    for annotation in annotations:
+        name = f"annotation {annotation.get('id')} (image {image_id})"
+        bbox = annotation.get("bbox")
+        if annotation.get("category_id") not in label_of:
+            writer.reject(name, f"unknown category {annotation.get('category_id')}")
+            continue
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(np.isfinite(v) for v in bbox):
+            writer.reject(name, f"malformed bbox {bbox!r}")
+            continue
+        x, y, w, h = (float(v) for v in bbox)
+        if w <= 0 or h <= 0:
+            writer.reject(name, f"non-positive size {w}×{h}")
+            continue
+        x1, y1, x2, y2 = x, y, x + w, y + h
+        cx1, cy1, cx2, cy2 = max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height))
+        if cx2 <= cx1 or cy2 <= cy1:
+            writer.reject(name, f"box {[x1, y1, x2, y2]} lies outside the {width}×{height} image")
+            continue
+        if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
+            writer.clean(name, f"box {[x1, y1, x2, y2]} clipped to the {width}×{height} image")
+        boxes.append([cx1, cy1, cx2, cy2])
+        labels.append(label_of[annotation["category_id"]])
+        crowd.append(bool(annotation.get("iscrowd", 0)))
+    writer.add(image_id, data, uri, width=width, height=height, gt_boxes=boxes, gt_labels=labels, gt_iscrowd=crowd)
+
+
+# ------------------------------------------------------------------------------ image prefix
+
+
+def list_images(prefix_uri: str, storage_options: StorageOptions | None = None) -> tuple[list[str], list[str]]:
+    """Image files under ``prefix_uri`` (recursively, suffix case-insensitive) and the other files."""
+    files = storage.list_files(prefix_uri, storage_options, recursive=True)
+    images = [u for u in files if u.lower().endswith(IMAGE_SUFFIXES)]
+    others = [u for u in files if not u.lower().endswith(IMAGE_SUFFIXES)]
+    return images, others
+
+
+def ingest_images(
+    prefix_uri: str,
+    out_uri: str,
+    *,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    storage_options: StorageOptions | None = None,
+    only_new: bool = False,
+    progress: Progress = None,
+) -> Dataset:
+    """Every image file under a prefix → an unlabelled dataset; ``image_id`` is the path relative
+    to the prefix (so equal names in different folders stay distinct).
+
+    A file with an image suffix whose header cannot be read still becomes a row (width/height null)
+    and is listed under ``invalid``: inference reports it as one error row. ``only_new`` appends to
+    an existing dataset only the files whose source URI it does not hold yet (incremental ingest).
+    """
+    prefix = storage.normalize(prefix_uri)
+    images, others = list_images(prefix, storage_options)
+    writer = DatasetWriter(
+        out_uri,
+        categories=[],
+        source={"kind": "images", "prefix": storage.redact(prefix), "labelled": False},
+        shard_size=shard_size,
+        storage_options=storage_options,
+        append=only_new,
+    )
+    if only_new and storage.exists(storage.join(out_uri, "dataset.json"), storage_options):
+        seen = known_sources(open_dataset(out_uri, storage_options), storage_options)
+        images = [u for u in images if u not in seen]
+    for other in others:
+        writer.skip(storage.relative_path(other, prefix))
+    for done, (uri, data) in enumerate(read_many(images, storage_options), start=1):
+        image_id = storage.relative_path(uri, prefix)
+        if isinstance(data, storage.StorageError):
+            writer.reject(image_id, f"unreadable: {data}")
+        else:
+            size = probe(data, image_id)
+            if isinstance(size, DecodeError):
+                writer.mark_invalid(image_id, size.message)
+                writer.add(image_id, data, uri)
+            else:
+                writer.add(image_id, data, uri, width=size[0], height=size[1])
+        if progress is not None:
+            progress(done)
+    return writer.close()
+
+
+# --------------------------------------------------------------------------------- synthetic
+
+
+def encode_png(image_chw: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image_chw.transpose(1, 2, 0))).save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()
+
+
+def ingest_synthetic(
+    out_uri: str,
+    *,
+    num_images: int,
+    seed: int = 0,
+    image_size: int = 128,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    storage_options: StorageOptions | None = None,
+    progress: Progress = None,
+) -> Dataset:
+    """``num_images`` generated images of simple shapes with exact boxes (PNG), deterministic in
+    ``seed``: the same arguments give the same bytes."""
+    from detector.synthetic import CATEGORIES, make_image
+
+    if num_images < 1:
+        raise ValueError(f"--images must be ≥ 1, got {num_images}")
+    categories = [{"label": i + 1, "name": name, "source_id": i + 1} for i, name in enumerate(CATEGORIES)]
+    writer = DatasetWriter(
+        out_uri,
+        categories=categories,
+        source={"kind": "synthetic", "seed": seed, "image_size": image_size, "labelled": True},
+        shard_size=shard_size,
+        storage_options=storage_options,
+    )
+    for index in range(num_images):
+        sample = make_image(seed, index, image_size)
+        writer.add(
+            f"synth-{seed}-{index:07d}",
+            encode_png(sample.image.numpy()),
+            f"synthetic://{seed}/{index}",
+            width=image_size,
+            height=image_size,
+            gt_boxes=sample.boxes.numpy(),
+            gt_labels=sample.labels.numpy(),
+            gt_iscrowd=[False] * len(sample.labels),
+        )
+        if progress is not None:
+            progress(index + 1)
+    return writer.close()
