@@ -1,9 +1,21 @@
-"""The ``detectflow`` command line (Typer). Each command validates its arguments at the edge and
-calls the data plane (``pipeline``) or the detector."""
+"""The ``detectflow`` command line (Typer). Commands validate their arguments at the edge, call the
+data plane (``pipeline``) once, and print a summary. Errors are one clear line and a non-zero exit.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+import time
+from collections.abc import Callable
+from enum import Enum
+from typing import Annotated, Any, TypeVar
+
 import typer
+
+from pipeline import storage
+
+T = TypeVar("T")
 
 app = typer.Typer(
     name="detectflow",
@@ -11,11 +23,195 @@ app = typer.Typer(
     "on Ray, run batch inference, evaluate, query and look at the results.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
 )
 ingest_app = typer.Typer(
     help="Turn images in object storage into a dataset of Parquet image shards.", no_args_is_help=True
 )
 app.add_typer(ingest_app, name="ingest")
+
+StorageOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--storage-option",
+        "-S",
+        help="fsspec storage option key=value for every URI of the command (repeatable), e.g. "
+        "client_kwargs.endpoint_url=http://minio:9000, anon=true.",
+    ),
+]
+ShardSize = Annotated[int, typer.Option("--shard-size", min=1, help="Images per shard.")]
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+def _apply_storage_options(pairs: list[str] | None, *uris: str) -> None:
+    try:
+        options = storage.parse_storage_options(pairs)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--storage-option") from exc
+    if options:
+        for protocol in {storage.protocol_of(u) for u in uris}:
+            storage.set_default_storage_options(protocol, options)
+
+
+def _run(action: Callable[[], T]) -> T:
+    """Run the command body; expected failures become one line on stderr and exit code 1."""
+    try:
+        return action()
+    except (ValueError, FileNotFoundError, storage.StorageError) as exc:
+        typer.secho(f"error: {storage.redact(str(exc))}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+
+
+def _print_dataset_summary(dataset: Any, seconds: float) -> None:
+    typer.echo(f"dataset     {storage.redact(dataset.uri)}")
+    typer.echo(f"images      {dataset.num_images} in {len(dataset.shards)} shards ({seconds:.1f} s)")
+    if dataset.categories:
+        names = ", ".join(c["name"] for c in dataset.categories[:10])
+        more = f" … (+{len(dataset.categories) - 10})" if len(dataset.categories) > 10 else ""
+        typer.echo(f"categories  {len(dataset.categories)}: {names}{more}")
+    for key, title in (("rejected", "rejected"), ("invalid", "undecodable"), ("cleaned", "cleaned")):
+        count = dataset.counts.get(key, 0)
+        if count:
+            typer.echo(f"{title:<11} {count}")
+            for entry in getattr(dataset, key)[:5]:
+                typer.echo(f"  - {entry.get('input', entry.get('image_id'))}: {entry['reason']}")
+            if count > 5:
+                typer.echo(f"  … see {storage.redact(storage.join(dataset.uri, 'dataset.json'))}")
+    if dataset.counts.get("skipped"):
+        typer.echo(f"skipped     {dataset.counts['skipped']} files that are not images")
+
+
+@ingest_app.command("coco")
+def ingest_coco_command(
+    out_uri: Annotated[str, typer.Argument(help="Where to write the dataset (URI or path).")],
+    images: Annotated[str, typer.Option("--images", help="Folder/prefix holding the image files.")],
+    annotations: Annotated[str, typer.Option("--annotations", help="COCO instances JSON.")],
+    shard_size: ShardSize = 256,
+    storage_option: StorageOption = None,
+) -> None:
+    """Ingest a COCO-format dataset (instances JSON + images) with its boxes and categories."""
+    from pipeline.ingest import ingest_coco
+
+    _apply_storage_options(storage_option, out_uri, images, annotations)
+    started = time.perf_counter()
+    dataset = _run(lambda: ingest_coco(images, annotations, out_uri, shard_size=shard_size))
+    _print_dataset_summary(dataset, time.perf_counter() - started)
+
+
+@ingest_app.command("images")
+def ingest_images_command(
+    prefix_uri: Annotated[str, typer.Argument(help="Folder/prefix of image files (searched recursively).")],
+    out_uri: Annotated[str, typer.Argument(help="Where to write the dataset.")],
+    shard_size: ShardSize = 256,
+    only_new: Annotated[
+        bool, typer.Option("--only-new", help="Append only images whose source is not in the dataset yet.")
+    ] = False,
+    storage_option: StorageOption = None,
+) -> None:
+    """Ingest every image file under a prefix (jpg, png, webp, bmp, gif, tiff; any case), unlabelled."""
+    from pipeline.ingest import ingest_images
+
+    _apply_storage_options(storage_option, prefix_uri, out_uri)
+    started = time.perf_counter()
+    dataset = _run(lambda: ingest_images(prefix_uri, out_uri, shard_size=shard_size, only_new=only_new))
+    _print_dataset_summary(dataset, time.perf_counter() - started)
+
+
+@app.command("synth")
+def synth_command(
+    out_uri: Annotated[str, typer.Argument(help="Where to write the dataset.")],
+    images: Annotated[int, typer.Option("--images", min=1, help="Number of images to generate.")],
+    seed: Annotated[int, typer.Option("--seed", help="Dataset seed: same seed, same bytes.")] = 0,
+    image_size: Annotated[int, typer.Option("--image-size", min=16, help="Image side in pixels.")] = 128,
+    shard_size: ShardSize = 256,
+    storage_option: StorageOption = None,
+) -> None:
+    """Generate a synthetic dataset of simple shapes with exact boxes (deterministic by seed)."""
+    from pipeline.ingest import ingest_synthetic
+
+    _apply_storage_options(storage_option, out_uri)
+    started = time.perf_counter()
+    dataset = _run(
+        lambda: ingest_synthetic(out_uri, num_images=images, seed=seed, image_size=image_size, shard_size=shard_size)
+    )
+    _print_dataset_summary(dataset, time.perf_counter() - started)
+
+
+@app.command("query")
+def query_command(
+    out_uri: Annotated[str, typer.Argument(help="Outputs of an inference run.")],
+    sql: Annotated[str, typer.Argument(help="SQL over the views `detections` and `images`.")],
+    output_format: Annotated[OutputFormat, typer.Option("--format", help="Output format.")] = OutputFormat.table,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="Rows to print in table format.")] = 50,
+    storage_option: StorageOption = None,
+) -> None:
+    """Query committed outputs with DuckDB, e.g. "SELECT label_name, count(*) FROM detections GROUP BY 1"."""
+    from pipeline.query import query
+
+    _apply_storage_options(storage_option, out_uri)
+    table = _run(lambda: query(out_uri, sql))
+    if output_format is OutputFormat.json:
+        typer.echo(json.dumps(table.to_pylist(), default=str, indent=2))
+    elif output_format is OutputFormat.csv:
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(table, sys.stdout.buffer)
+    else:
+        _print_table(table, limit)
+
+
+def _print_table(table: Any, limit: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    view = Table(show_lines=False)
+    for name in table.column_names:
+        view.add_column(name)
+    for row in table.slice(0, limit).to_pylist():
+        view.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
+    console = Console()
+    console.print(view)
+    if table.num_rows > limit:
+        console.print(f"… {table.num_rows - limit} more rows (use --limit or --format csv)")
+
+
+@app.command("show")
+def show_command(
+    out_uri: Annotated[str, typer.Argument(help="Outputs of an inference run.")],
+    image_id: Annotated[str, typer.Option("--image-id", help="The image to draw.")],
+    out: Annotated[str, typer.Option("--out", help="PNG file (path or URI) to write.")],
+    dataset: Annotated[
+        str | None, typer.Option("--dataset", help="Dataset holding the image (default: the run's).")
+    ] = None,
+    score_threshold: Annotated[float, typer.Option("--score-threshold", help="Draw boxes at least this sure.")] = 0.0,
+    storage_option: StorageOption = None,
+) -> None:
+    """Draw an image with its detections (boxes, labels, scores) into a PNG."""
+    from pipeline.show import render
+
+    _apply_storage_options(storage_option, out_uri, out, *([dataset] if dataset else []))
+    drawn = _run(lambda: render(out_uri, image_id, out, dataset_uri=dataset, score_threshold=score_threshold))
+    typer.echo(f"drew {drawn['num_drawn']} detections of {image_id} (shard {drawn['shard']}) → {out}")
+
+
+@app.command("evaluate")
+def evaluate_command(
+    data_uri: Annotated[str, typer.Argument(help="Labelled dataset (the ground truth).")],
+    out_uri: Annotated[str, typer.Argument(help="Outputs of an inference run over it.")],
+    storage_option: StorageOption = None,
+) -> None:
+    """COCO metrics (AP, AP50, AP75, APs/m/l, AR) of committed detections; writes metrics.json and pr_curve.png."""
+    from pipeline.evaluate import evaluate, format_metrics
+
+    _apply_storage_options(storage_option, data_uri, out_uri)
+    metrics = _run(lambda: evaluate(data_uri, out_uri))
+    typer.echo(format_metrics(metrics))
+    typer.echo(f"\nwrote {storage.redact(storage.join(out_uri, 'metrics.json'))} and pr_curve.png")
 
 
 def main() -> None:
