@@ -214,6 +214,97 @@ def evaluate_command(
     typer.echo(f"\nwrote {storage.redact(storage.join(out_uri, 'metrics.json'))} and pr_curve.png")
 
 
+@app.command("infer")
+def infer_command(
+    data_uri: Annotated[str, typer.Argument(help="Dataset of image shards.")],
+    out_uri: Annotated[str, typer.Argument(help="Where to write detections/, images/ and the manifest.")],
+    model: Annotated[str, typer.Option("--model", help="Detector checkpoint (URI or path).")],
+    workers: Annotated[
+        int | None, typer.Option("--workers", min=1, help="Ray actors (default: what the cluster offers).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 8,
+    score_threshold: Annotated[
+        float | None, typer.Option("--score-threshold", min=0.0, max=1.0, help="Keep detections at least this sure.")
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option("--ray-address", help="Ray cluster to use (default: RAY_ADDRESS or a local one).")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    storage_option: StorageOption = None,
+) -> None:
+    """Batch inference on Ray: every uncommitted shard → detections, exactly once per shard."""
+    from pipeline.inference import run_inference
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise typer.BadParameter("must be auto, cpu or cuda", param_hint="--device")
+    _apply_storage_options(storage_option, data_uri, out_uri, model)
+    summary = _run(
+        lambda: _with_progress(
+            lambda progress: run_inference(
+                data_uri,
+                out_uri,
+                model,
+                workers=workers,
+                batch_size=batch_size,
+                score_threshold=score_threshold,
+                device=device,
+                ray_address=ray_address,
+                progress=progress,
+            )
+        )
+    )
+    typer.echo(
+        f"images      {summary.images} ({summary.errors} errors) in {summary.shards_done} shards, "
+        f"{summary.shards_skipped} already committed\n"
+        f"detections  {summary.detections}\n"
+        f"throughput  {summary.images_per_s:.1f} images/s over {summary.seconds:.1f} s\n"
+        f"outputs     {summary.out_uri}  (run {summary.run_id}, model {summary.model_id})\n"
+        f'try         detectflow query {out_uri} "SELECT label_name, count(*) AS n FROM detections GROUP BY 1 '
+        f'ORDER BY n DESC"'
+    )
+    if summary.failed:
+        for shard, error in sorted(summary.failed.items()):
+            typer.secho(f"failed      {shard}: {error}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+
+
+def _with_progress(run: Callable[[Callable[[Any], None]], T]) -> T:
+    """A rich progress bar on a terminal, a log line every 10 s otherwise."""
+    if sys.stderr.isatty():
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            transient=True,
+        ) as bar:
+            task = bar.add_task("shards", total=None, stats="")
+
+            def update(summary: Any) -> None:
+                bar.update(
+                    task,
+                    total=summary.shards_total,
+                    completed=summary.shards_done + summary.shards_skipped,
+                    stats=f"{summary.images_per_s:.1f} img/s, {summary.errors} errors",
+                )
+
+            return run(update)
+    last = [0.0]
+
+    def log_line(summary: Any) -> None:
+        if time.monotonic() - last[0] >= 10:
+            last[0] = time.monotonic()
+            typer.echo(
+                f"[{summary.seconds:6.0f}s] shards {summary.shards_done + summary.shards_skipped}/"
+                f"{summary.shards_total}  {summary.images_per_s:.1f} images/s  {summary.errors} errors",
+                err=True,
+            )
+
+    return run(log_line)
+
+
 def main() -> None:
     app()
 

@@ -39,7 +39,7 @@ def query(out_uri: str, sql: str, storage_options: StorageOptions | None = None)
     """Run ``sql`` against the committed outputs at ``out_uri``; a bad query is a ``ValueError``."""
     connection = connect(out_uri, storage_options)
     try:
-        return connection.execute(sql).to_arrow_table()
+        return connection.sql(sql).to_arrow_table()
     except duckdb.Error as exc:
         raise ValueError(f"query failed: {exc}") from exc
     finally:
