@@ -31,3 +31,15 @@ def storage_root(request, tmp_path) -> str:
     if request.param == "memory":
         return f"memory://detectflow-test-{uuid.uuid4().hex}"
     return request.getfixturevalue("s3_server").new_bucket("root")
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """A real local Ray cluster, started after the S3 environment is set (its workers inherit it)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
