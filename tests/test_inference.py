@@ -17,8 +17,8 @@ import torch
 from detector import build_detector, save_checkpoint
 from detector.synthetic import CATEGORIES
 from pipeline import storage
-from pipeline.ingest import ingest_images, ingest_synthetic
 from pipeline.inference import run_inference
+from pipeline.ingest import ingest_images, ingest_synthetic
 from pipeline.outputs import OutputStore
 from pipeline.worker import ShardWorker, shard_tasks
 from tests.corpus import write_bad_input_corpus
@@ -32,8 +32,13 @@ def setup(s3_server, ray_local):
     bucket = s3_server.new_bucket("infer")
     dataset = ingest_synthetic(bucket + "/data", num_images=NUM_SHARDS * PER_SHARD, image_size=96, shard_size=PER_SHARD)
     torch.manual_seed(0)
-    model = build_detector("tiny", len(CATEGORIES) + 1, class_names=["__background__", *CATEGORIES],
-                           box_score_thresh=0.0, box_detections_per_img=20)
+    model = build_detector(
+        "tiny",
+        len(CATEGORIES) + 1,
+        class_names=["__background__", *CATEGORIES],
+        box_score_thresh=0.0,
+        box_detections_per_img=20,
+    )
     local = f"/tmp/detectflow-test-model-{os.getpid()}.pt"
     save_checkpoint(model, local)
     storage.write_bytes(bucket + "/model.pt", open(local, "rb").read())
@@ -44,8 +49,9 @@ def setup(s3_server, ray_local):
 def _tables(out_uri: str) -> tuple[list, list]:
     """The committed outputs as sorted row sets, without the per-run id; scores rounded."""
     store = OutputStore(out_uri)
-    images = sorted(tuple(sorted((k, v) for k, v in row.items() if k != "run_id"))
-                    for row in store.read_table("images").to_pylist())
+    images = sorted(
+        tuple(sorted((k, v) for k, v in row.items() if k != "run_id")) for row in store.read_table("images").to_pylist()
+    )
     detections = sorted(
         tuple(sorted((k, round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "run_id"))
         for row in store.read_table("detections").to_pylist()
@@ -109,8 +115,11 @@ def _wait_for_commits(out: str, count: int, timeout: float = 120) -> None:
 def test_actor_killed_mid_shard(setup, clean) -> None:
     out = setup["bucket"] + "/actor-kill"
     result = {}
-    runner = threading.Thread(target=lambda: result.update(summary=run_inference(
-        setup["data"], out, setup["model"], workers=2, batch_size=2, ray_address=setup["ray"])))
+    runner = threading.Thread(
+        target=lambda: result.update(
+            summary=run_inference(setup["data"], out, setup["model"], workers=2, batch_size=2, ray_address=setup["ray"])
+        )
+    )
     runner.start()
     _wait_for_commits(out, 1)
     pids = _actor_pids()
@@ -125,8 +134,22 @@ def test_actor_killed_mid_shard(setup, clean) -> None:
 
 def test_driver_killed_then_restarted(setup, clean) -> None:
     out = setup["bucket"] + "/driver-kill"
-    command = [sys.executable, "-m", "flows.cli", "infer", setup["data"], out, "--model", setup["model"],
-               "--workers", "1", "--batch-size", "2", "--ray-address", setup["ray"]]
+    command = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "infer",
+        setup["data"],
+        out,
+        "--model",
+        setup["model"],
+        "--workers",
+        "1",
+        "--batch-size",
+        "2",
+        "--ray-address",
+        setup["ray"],
+    ]
     driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         _wait_for_commits(out, 2)
@@ -144,8 +167,11 @@ def test_driver_killed_then_restarted(setup, clean) -> None:
 def test_storage_outage_mid_run(setup, clean, s3_server) -> None:
     out = setup["bucket"] + "/outage"
     result = {}
-    runner = threading.Thread(target=lambda: result.update(summary=run_inference(
-        setup["data"], out, setup["model"], workers=2, batch_size=2, ray_address=setup["ray"])))
+    runner = threading.Thread(
+        target=lambda: result.update(
+            summary=run_inference(setup["data"], out, setup["model"], workers=2, batch_size=2, ray_address=setup["ray"])
+        )
+    )
     runner.start()
     try:
         _wait_for_commits(out, 1)
