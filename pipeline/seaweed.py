@@ -2,7 +2,11 @@
 
 Used by the tests, the benchmarks and ``make demo --storage s3``. The server keeps its data in
 ``data_dir`` and can be stopped and started again on the same ports (the fault tests stop it for a
-while mid-run).
+while mid-run). It checks credentials like a real S3 service: requests must be signed with
+:data:`ACCESS_KEY`/:data:`SECRET_KEY` (full access) or :data:`READER_ACCESS_KEY`/
+:data:`READER_SECRET_KEY` (read and list only); anything else is refused with 403. Writing to a
+bucket that does not exist fails with ``NoSuchBucket``, as on AWS (SeaweedFS would otherwise
+create it).
 
     with SeaweedS3(tmp_dir) as server:
         server.apply_env()                    # AWS_ENDPOINT_URL etc. for s3fs/botocore
@@ -11,6 +15,7 @@ while mid-run).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -25,6 +30,9 @@ from pathlib import Path
 
 ACCESS_KEY = "detectflow"
 SECRET_KEY = "detectflow-local-secret"
+READER_ACCESS_KEY = "detectflow-reader"
+READER_SECRET_KEY = "detectflow-reader-secret"
+_STOP_GRACE_S = 2.0  # weed's graceful gRPC shutdown can hang on open streams; then it is killed
 
 
 def free_port() -> int:
@@ -66,7 +74,23 @@ class SeaweedS3:
         }
         self.endpoint_url = f"http://127.0.0.1:{self.ports['s3']}"
         self.log_path = self.data_dir / "weed.log"
+        self.identities_path = self.data_dir / "s3-identities.json"
         self.process: subprocess.Popen | None = None
+
+    def _write_identities(self) -> None:
+        identities = [
+            {
+                "name": "admin",
+                "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+            },
+            {
+                "name": "reader",
+                "credentials": [{"accessKey": READER_ACCESS_KEY, "secretKey": READER_SECRET_KEY}],
+                "actions": ["Read", "List"],
+            },
+        ]
+        self.identities_path.write_text(json.dumps({"identities": identities}, indent=2))
 
     def command(self) -> list[str]:
         p = self.ports
@@ -85,13 +109,23 @@ class SeaweedS3:
             "-s3",
             f"-s3.port={p['s3']}",
             f"-s3.port.grpc={p['s3.grpc']}",
-            "-master.volumeSizeLimitMB=256",
-            "-volume.max=64",
+            # Side services default to fixed ports (8181, 9101): two servers on one machine (two
+            # test sessions, a benchmark beside the tests) would collide. None of them is needed.
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-s3.config={self.identities_path}",
+            "-s3.autoCreateBucket=false",
+            "-master.telemetry=false",
+            # Each bucket is a collection with volumes of its own: small volumes, and a volume count
+            # that follows the free disk (max=0), so that many buckets never exhaust it.
+            "-master.volumeSizeLimitMB=64",
+            "-volume.max=0",
         ]
 
     def start(self) -> None:
         if self.process is not None and self.process.poll() is None:
             return
+        self._write_identities()
         log = open(self.log_path, "ab")  # noqa: SIM115 — handed to the child process
         self.process = subprocess.Popen(
             self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.data_dir
@@ -138,7 +172,7 @@ class SeaweedS3:
         if self.process.poll() is None:
             try:
                 os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout=3)
+                self.process.wait(timeout=_STOP_GRACE_S)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 try:
                     os.killpg(self.process.pid, signal.SIGKILL)
@@ -169,15 +203,18 @@ class SeaweedS3:
         os.environ.update(self.env())
         return previous
 
-    def storage_options(self) -> dict:
-        return {"key": ACCESS_KEY, "secret": SECRET_KEY, "client_kwargs": {"endpoint_url": self.endpoint_url}}
+    def storage_options(self, *, read_only: bool = False) -> dict:
+        """fsspec/s3fs options for this server: the full-access identity, or the read-only one."""
+        key, secret = (READER_ACCESS_KEY, READER_SECRET_KEY) if read_only else (ACCESS_KEY, SECRET_KEY)
+        return {"key": key, "secret": secret, "client_kwargs": {"endpoint_url": self.endpoint_url}}
 
     def filesystem(self):
         import s3fs
 
         return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, **self.storage_options())
 
-    def new_bucket(self, prefix: str = "bucket") -> str:
+    def new_bucket(self, prefix: str = "t") -> str:
+        """Create a fresh, empty bucket named ``prefix-<random>``; returns ``"s3://name"``."""
         name = f"{prefix}-{uuid.uuid4().hex[:10]}".lower()
         self.filesystem().mkdir(name)
         return f"s3://{name}"

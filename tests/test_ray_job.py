@@ -104,13 +104,19 @@ def test_infer_as_a_ray_job_with_token_auth(head, s3_server, tmp_path) -> None:
     assert refused.returncode != 0
     assert any(word in (refused.stdout + refused.stderr).lower() for word in ("token", "auth", "401", "unauthorized"))
 
-    submitted = subprocess.run(
-        [RAY, "job", "submit", "--address", head["url"], "--", *entrypoint],
-        env=head["env"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    # The head's job agent can come up after its dashboard answers: retry while it says so.
+    deadline = time.monotonic() + 120
+    while True:
+        submitted = subprocess.run(
+            [RAY, "job", "submit", "--address", head["url"], "--", *entrypoint],
+            env=head["env"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if "No available agent" not in submitted.stderr + submitted.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(3)
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     assert "succeeded" in submitted.stdout.lower()
     store = OutputStore(bucket + "/out")
