@@ -268,6 +268,70 @@ def infer_command(
         raise typer.Exit(1)
 
 
+@app.command("train")
+def train_command(
+    data_uri: Annotated[str, typer.Argument(help="Labelled dataset of image shards.")],
+    model_out_uri: Annotated[str, typer.Argument(help="Where checkpoints, metrics and model.pt go.")],
+    preset: Annotated[str, typer.Option("--preset", help="Detector preset, e.g. tiny or resnet50_fpn.")],
+    num_classes: Annotated[
+        int | None, typer.Option("--num-classes", min=2, help="Classes with background (default: the dataset's).")
+    ] = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="DDP workers (Ray Train).")] = 2,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Epochs (default 1 unless --steps).")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Optimizer steps instead of epochs.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per worker per step.")] = 4,
+    lr: Annotated[float, typer.Option("--lr", min=0.0, help="Learning rate per 16 images (scaled).")] = 0.02,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint.")] = False,
+    val: Annotated[str | None, typer.Option("--val", help="Validation dataset (mAP after training).")] = None,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Ray cluster to use.")] = None,
+    checkpoint_every: Annotated[
+        int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")
+    ] = 100,
+    storage_option: StorageOption = None,
+) -> None:
+    """Train a Faster R-CNN with DDP on Ray Train; checkpoints and metrics in object storage."""
+    from pipeline.training import train
+
+    if epochs is not None and steps is not None:
+        raise typer.BadParameter("give --epochs or --steps, not both", param_hint="--steps")
+    _apply_storage_options(storage_option, data_uri, model_out_uri, *([val] if val else []))
+    summary = _run(
+        lambda: train(
+            data_uri,
+            model_out_uri,
+            preset=preset,
+            num_classes=num_classes,
+            workers=workers,
+            epochs=epochs,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            resume=resume,
+            ray_address=ray_address,
+            checkpoint_every=checkpoint_every,
+        )
+    )
+    typer.echo(
+        f"steps       {summary.steps} ({summary.epochs_seen:.2f} epochs) in {summary.seconds:.0f} s, "
+        f"{summary.images_per_s_per_worker:.1f} images/s per worker\n"
+        f"loss        {summary.first_loss:.3f} → {summary.last_loss:.3f}\n"
+        f"model       {summary.model_uri}\n"
+        f"metrics     {summary.metrics_uri} (and loss_curves.png)\n"
+        f"next        detectflow infer DATA_URI OUT_URI --model {summary.model_uri}"
+    )
+    if val:
+        _validate_after_training(val, summary.model_uri, model_out_uri, ray_address)
+
+
+def _validate_after_training(val: str, model_uri: str, model_out_uri: str, ray_address: str | None) -> None:
+    from pipeline.evaluate import evaluate, format_metrics
+    from pipeline.inference import run_inference
+
+    out = storage.join(model_out_uri, "validation")
+    _run(lambda: run_inference(val, out, model_uri, ray_address=ray_address))
+    typer.echo(format_metrics(_run(lambda: evaluate(val, out))))
+
+
 def _with_progress(run: Callable[[Callable[[Any], None]], T]) -> T:
     """A rich progress bar on a terminal, a log line every 10 s otherwise."""
     if sys.stderr.isatty():
