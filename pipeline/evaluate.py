@@ -2,7 +2,7 @@
 
 Boxes come in ``(x1, y1, x2, y2)`` pixels and are converted to COCO's ``(x, y, w, h)`` in memory;
 crowd regions (``iscrowd``) are honoured as COCO does (detections matching them are neither true nor
-false positives).
+false positives). Small/medium/large are judged by box area: datasets keep boxes, not segmentations.
 """
 
 from __future__ import annotations
