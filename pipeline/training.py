@@ -75,8 +75,9 @@ class TrainConfig:
     seed: int = 0
     overrides: dict[str, Any] = field(default_factory=dict)
     storage_options: dict[str, Any] | None = None
-    val_uri: str | None = None
+    val_uri: str | None = None  # labelled dataset scored by rank 0 every ``val_every`` steps
     val_every: int | None = None
+    target_ap50: float | None = None  # stop once validation mAP@0.5 reaches it
     record_debug: bool = False  # per-step weight checksums, per-epoch image ids, worker starts (tests)
     report_every: int = 10
     use_gpu: bool = False
@@ -295,14 +296,19 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
                 debug["images"].setdefault(str(epoch), []).extend(ids)
             if rank == 0:
                 metrics.append(record)
+            if config.val_uri and config.val_every and (step % config.val_every == 0 or step == total):
+                if rank == 0:
+                    record.update(validate_in_process(core, config))
+                    log.warning("step %d: validation AP %.3f AP50 %.3f", step, record["val_AP"], record["val_AP50"])
+                reached = config.target_ap50 is not None and record.get("val_AP50", 0.0) >= config.target_ap50
+                if _agree(reached, device):  # every rank stops at the same step
+                    total = step
             if step % config.checkpoint_every == 0 or step == total:
                 if rank == 0:
                     _save_training_checkpoint(config, core, optimizer, scheduler, step, epoch)
                     _write_metrics(config, metrics)
             if step % config.report_every == 0 or step == total:
                 ray.train.report({k: v for k, v in record.items() if isinstance(v, (int, float))})
-        else:
-            continue
     if config.record_debug:
         storage.write_json(
             storage.join(config.model_out_uri, "debug", f"rank{rank}.json"), debug, config.storage_options
@@ -312,6 +318,48 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
         save_checkpoint(core.to("cpu"), buffer, class_names=config.class_names)
         storage.write_bytes(storage.join(config.model_out_uri, "model.pt"), buffer.getvalue(), config.storage_options)
         _write_metrics(config, metrics)
+
+
+def validate_in_process(model: torch.nn.Module, config: TrainConfig) -> dict[str, float]:
+    """COCO AP and AP50 of ``model`` on the validation dataset (evaluated in this process)."""
+    from .evaluate import ImageDT, ImageGT, coco_metrics
+
+    dataset = open_dataset(config.val_uri, config.storage_options)
+    gt, dt = [], []
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.inference_mode():
+        for shard in dataset.shards:
+            table = read_shard(shard.uri, storage_options=config.storage_options)
+            items = list(zip(table.column("image_id").to_pylist(), table.column("image").to_pylist()))
+            decoded = decode_many(items, threads=2)
+            for start in range(0, len(decoded), 16):
+                part = [(i, d) for i, d in enumerate(decoded[start : start + 16], start) if isinstance(d, DecodedImage)]
+                outputs = model([d.image.to(device).float() / 255 for _, d in part])
+                for (row, item), out in zip(part, outputs):
+                    boxes, labels, crowd = gt_targets(table.slice(row, 1))[0]
+                    gt.append(ImageGT(item.image_id, item.width, item.height, boxes, labels, crowd))
+                    dt.append(
+                        ImageDT(
+                            item.image_id,
+                            out["boxes"].cpu().numpy(),
+                            out["scores"].cpu().numpy(),
+                            out["labels"].cpu().numpy(),
+                        )
+                    )
+    model.train()
+    metrics = coco_metrics(gt, dt, dataset.class_names)
+    return {"val_AP": metrics["AP"], "val_AP50": metrics["AP50"]}
+
+
+def _agree(flag: bool, device: torch.device) -> bool:
+    """Rank 0's ``flag``, broadcast to every rank."""
+    import torch.distributed as dist
+
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(value, src=0)
+    return bool(value.item())
 
 
 def _checksum(model: torch.nn.Module) -> float:
