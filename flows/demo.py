@@ -72,6 +72,9 @@ def draw(shown: list, path: Path, threshold: float = 0.5) -> None:
             f"{CLASS_NAMES[int(lab)]} {score:.2f}" for lab, score in zip(out["labels"][keep], out["scores"][keep])
         ]
         colours = [COLOURS.get(int(lab), "white") for lab in out["labels"][keep]]
+        if not keep.any():
+            tiles.append(image)
+            continue
         tiles.append(draw_bounding_boxes(image, out["boxes"][keep], labels=labels, colors=colours, width=2))
     write_png(make_grid(tiles, nrow=4, padding=4), str(path))
 
@@ -79,7 +82,7 @@ def draw(shown: list, path: Path, threshold: float = 0.5) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("demo-output"))
-    parser.add_argument("--steps", type=int, default=900)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--eval-images", type=int, default=200)
@@ -107,7 +110,11 @@ def main() -> None:
     for row in metrics["per_class"]:
         print(f"  {row['name']:<10} AP {row['AP']:.3f}  AP50 {row['AP50']:.3f}")
     print(f"\ncheckpoint  {checkpoint}\ndetections  {png}\ntime        {time.perf_counter() - began:.0f} s")
-    print("\nnext: load it with `from detector import load_checkpoint; load_checkpoint('demo-output/model.pt')`")
+    print(
+        f"\nnext: detectflow synth data/shapes --images 64 && "
+        f"detectflow infer data/shapes out/shapes --model {checkpoint} && "
+        f'detectflow query out/shapes "SELECT label_name, count(*) FROM detections GROUP BY 1"'
+    )
 
 
 if __name__ == "__main__":
