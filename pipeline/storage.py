@@ -195,6 +195,10 @@ def is_transient(exc: BaseException) -> bool:
     """Whether retrying the operation that raised ``exc`` may succeed."""
     if isinstance(exc, StorageError):
         return exc.transient
+    if isinstance(exc, _PERMANENT_TYPES):
+        # The outermost classification wins: a missing key stays missing even when a timeout of an
+        # internal retry is chained to it.
+        return False
     chain: list[BaseException] = []
     cursor: BaseException | None = exc
     while cursor is not None and len(chain) < 8:

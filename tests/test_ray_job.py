@@ -43,6 +43,11 @@ def head(s3_server):
             f"--port={free_port()}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard}",
+            # Every port of its own: the session's other Ray cluster holds the default agent ports.
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
             "--num-cpus=2",
             f"--temp-dir={temp_dir}",
             "--include-dashboard=true",
