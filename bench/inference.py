@@ -136,9 +136,15 @@ def ray_data(dataset_uri: str, out_uri: str, model_uri: str, workers: int, threa
     started = time.perf_counter()
     images = sum(s.num_images for s in open_dataset(dataset_uri).shards)
     (
-        ray.data.read_parquet(paths, filesystem=fs, columns=["image_id", "image"])
+        # The actor pool takes every CPU: reads and writes must not need a whole one, or nothing is
+        # ever scheduled (Ray Data deadlocks with the defaults on a 2-CPU machine).
+        ray.data.read_parquet(paths, filesystem=fs, columns=["image_id", "image"], ray_remote_args={"num_cpus": 0.25})
         .map_batches(Detector, concurrency=workers, batch_size=batch_size, batch_format="pyarrow", num_cpus=threads)
-        .write_parquet(storage.filesystem(out_uri)[1], filesystem=storage.filesystem(out_uri)[0])
+        .write_parquet(
+            storage.filesystem(out_uri)[1],
+            filesystem=storage.filesystem(out_uri)[0],
+            ray_remote_args={"num_cpus": 0.25},
+        )
     )
     return images / (time.perf_counter() - started)
 
