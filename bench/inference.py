@@ -136,14 +136,14 @@ def ray_data(dataset_uri: str, out_uri: str, model_uri: str, workers: int, threa
     started = time.perf_counter()
     images = sum(s.num_images for s in open_dataset(dataset_uri).shards)
     (
-        # The actor pool takes every CPU: reads and writes must not need a whole one, or nothing is
-        # ever scheduled (Ray Data deadlocks with the defaults on a 2-CPU machine).
-        ray.data.read_parquet(paths, filesystem=fs, columns=["image_id", "image"], ray_remote_args={"num_cpus": 0.25})
+        # The actor pool takes every CPU: reads and writes must reserve none, or they are never
+        # scheduled (Ray Data deadlocks with its defaults, and with fractional CPUs, on 2 CPUs).
+        ray.data.read_parquet(paths, filesystem=fs, columns=["image_id", "image"], ray_remote_args={"num_cpus": 0})
         .map_batches(Detector, concurrency=workers, batch_size=batch_size, batch_format="pyarrow", num_cpus=threads)
         .write_parquet(
             storage.filesystem(out_uri)[1],
             filesystem=storage.filesystem(out_uri)[0],
-            ray_remote_args={"num_cpus": 0.25},
+            ray_remote_args={"num_cpus": 0},
         )
     )
     return images / (time.perf_counter() - started)
