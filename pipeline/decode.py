@@ -29,7 +29,6 @@ DEFAULT_MAX_PIXELS = 64_000_000  # 64 MP: above any camera in common use, far be
 EXIF_ORIENTATION = 0x0112
 _EXIF_FORMATS = ("JPEG", "TIFF", "WEBP", "PNG")
 _JPEG_MAGIC = b"\xff\xd8\xff"
-_TORCHVISION_FORMATS = (b"\x89PNG", b"GIF8", b"RIFF")  # + JPEG; RIFF only when WEBP
 
 # Our own cap (``max_pixels``, checked from the header in :func:`probe` before any decoding) replaces
 # Pillow's global one, which would refuse large headers without saying how large they are.
@@ -108,11 +107,14 @@ def decode_image(data: bytes, image_id: str, *, max_pixels: int = DEFAULT_MAX_PI
 
 
 def _torchvision_can(data: bytes) -> bool:
+    """Formats torchvision decodes safely. PNGs go to Pillow: torchvision 0.29's ``decode_png``
+    crashes the process (segmentation fault) on some corrupt files, and shows palette PNGs as
+    grey indices."""
     if data.startswith(_JPEG_MAGIC):
         return True
     if data.startswith(b"RIFF"):
         return data[8:12] == b"WEBP"
-    return data.startswith(_TORCHVISION_FORMATS)
+    return data.startswith(b"GIF8")
 
 
 def _decode_torchvision(data: bytes) -> torch.Tensor:
