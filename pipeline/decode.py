@@ -71,6 +71,15 @@ def _orientation(img: Image.Image) -> int:
     if img.format not in _EXIF_FORMATS:
         return 1
     try:
+        if img.format == "PNG":
+            # Only an eXIf chunk before the pixel data: Pillow's getexif() would decode the whole
+            # image to look for one after it — a decompression bomb before the pixel cap is checked.
+            raw = img.info.get("exif")
+            if not raw:
+                return 1
+            exif = Image.Exif()
+            exif.load(raw)
+            return int(exif.get(EXIF_ORIENTATION, 1))
         return int(img.getexif().get(EXIF_ORIENTATION, 1))
     except Exception:  # noqa: BLE001 — unreadable EXIF is not an unreadable image
         return 1
