@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .anchors import AnchorGenerator
 from .backbones import build_backbone
 from .config import DetectorConfig, Preset
+from .fusion import FoldedModuleCache
 from .roi_heads import FastRCNNPredictor, RoIHeads, TwoMLPHead, VGGFCHead, build_roi_pooler
 from .rpn import RegionProposalNetwork, RPNHead
 from .transform import Transform, validate_inputs
@@ -25,6 +26,11 @@ class FasterRCNN(nn.Module):
     ``{"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"}``.
     ``images``: list of float ``[3,H,W]`` tensors in ``[0,1]``, sizes may differ.
     ``targets``: list of ``{"boxes": [M,4] float, "labels": [M] int64 in 1..num_classes-1}``.
+
+    With ``config.fold_batchnorm``, gradient-free inference (eval mode under ``torch.no_grad()``
+    or ``torch.inference_mode()``) runs a copy of the backbone with batch norms folded into the
+    convolutions (see ``detector.fusion``), kept in step with the weights; its features are those
+    of the original layers up to float rounding.
     """
 
     def __init__(
@@ -48,9 +54,15 @@ class FasterRCNN(nn.Module):
         self.class_names = list(class_names) if class_names is not None else None
 
         self.transform = Transform(
-            config.min_size, config.max_size, config.image_mean, config.image_std, config.size_divisible
+            config.min_size,
+            config.max_size,
+            config.image_mean,
+            config.image_std,
+            config.size_divisible,
+            channels_last=config.channels_last,
         )
         self.backbone, imagenet_state = build_backbone(config)
+        self._inference_backbone = FoldedModuleCache() if config.fold_batchnorm else None
         channels = self.backbone.out_channels
 
         anchor_generator = AnchorGenerator(config.anchor_sizes, config.aspect_ratios)
@@ -114,7 +126,10 @@ class FasterRCNN(nn.Module):
         original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         batch, image_sizes, scaled_targets = self.transform(images, targets if self.training else None)
 
-        features = self.backbone(batch)
+        if self._inference_backbone is None or self.training or torch.is_grad_enabled():
+            features = self.backbone(batch)
+        else:
+            features = self._inference_backbone.get(self.backbone)(batch)
         if isinstance(features, Tensor):
             features = OrderedDict([("0", features)])
         feature_list = list(features.values())

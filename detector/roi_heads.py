@@ -6,13 +6,14 @@ Shapes: ``R`` proposals over the whole batch, ``C`` classes including background
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import MultiScaleRoIAlign, RoIAlign, RoIPool, box_iou
+from torchvision.ops import RoIAlign, RoIPool, box_iou, roi_align
 
 from .boxes import BoxCoder, batched_nms, clip_boxes, min_size_mask
 from .rpn import rank_within_groups
@@ -20,7 +21,11 @@ from .sampling import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, Matcher, sample_b
 
 
 class SingleLevelRoIPooler(nn.Module):
-    """RoIPool (the paper's) or RoIAlign over the single feature map ``"0"`` at a fixed stride."""
+    """RoIPool (the paper's) or RoIAlign over the single feature map ``"0"`` at a fixed stride.
+
+    ``forward`` returns ``([pooled [R, C_feat, 7, 7]], None)``: one chunk, in proposal order (see
+    :class:`FPNRoIAlign` for the general form).
+    """
 
     def __init__(self, kind: str, output_size: int, spatial_scale: float, sampling_ratio: int):
         super().__init__()
@@ -31,14 +36,83 @@ class SingleLevelRoIPooler(nn.Module):
 
     def forward(
         self, features: OrderedDict[str, Tensor], proposals: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]]
-    ) -> Tensor:
-        return self.op(features["0"], list(proposals))
+    ) -> tuple[list[Tensor], Tensor | None]:
+        return [self.op(features["0"], list(proposals))], None
+
+
+class FPNRoIAlign(nn.Module):
+    """RoIAlign over a feature pyramid (Lin et al. 2017, eq. 1): a RoI of size ``w × h`` is pooled
+    from level ``k = ⌊k0 + log2(√(wh) / 224)⌋`` (``k0 = 4``), clamped to the levels present; the
+    stride of each level is inferred from its size (a power of two).
+
+    ``forward`` returns the pooled features as one chunk per non-empty level
+    (``[R_l, C_feat, 7, 7]``, the RoIs of each level in proposal order), and ``order [R]``: the
+    proposal index of each row of the chunks concatenated (``None`` when there is a single chunk
+    in proposal order). Keeping the chunks apart spares the ``[R, C_feat, 7, 7]`` scatter back into
+    proposal order: the box head runs on each chunk and only its small outputs are reordered.
+    The level assignment and the RoIAlign calls are those of ``torchvision.ops.MultiScaleRoIAlign``,
+    so the pooled values are the same.
+    """
+
+    def __init__(
+        self,
+        featmap_names: Sequence[str],
+        output_size: int,
+        sampling_ratio: int,
+        canonical_scale: int = 224,
+        canonical_level: int = 4,
+    ):
+        super().__init__()
+        self.featmap_names = list(featmap_names)
+        self.output_size = (output_size, output_size)
+        self.sampling_ratio = sampling_ratio
+        self.canonical_scale = canonical_scale
+        self.canonical_level = canonical_level
+
+    def forward(
+        self, features: OrderedDict[str, Tensor], proposals: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]]
+    ) -> tuple[list[Tensor], Tensor | None]:
+        maps = [features[name] for name in self.featmap_names if name in features]
+        boxes = torch.cat(list(proposals))
+        image_idx = torch.repeat_interleave(
+            torch.arange(len(proposals), device=boxes.device, dtype=boxes.dtype),
+            torch.as_tensor([len(p) for p in proposals], device=boxes.device),
+        )
+        rois = torch.cat([image_idx[:, None], boxes], dim=1)  # [R, 5]: image index, x1, y1, x2, y2
+        max_height = max(h for h, _ in image_sizes)
+        scales = [2.0 ** float(torch.tensor(m.shape[-2] / max_height).log2().round()) for m in maps]
+        if len(maps) == 1 or len(rois) == 0:
+            return [self._pool(maps[0], rois, scales[0])], None
+
+        k_min = int(-math.log2(scales[0]))
+        k_max = int(-math.log2(scales[-1]))
+        box_sizes = torch.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+        levels = torch.floor(
+            self.canonical_level
+            + torch.log2(box_sizes / self.canonical_scale)
+            + torch.tensor(1e-6, dtype=box_sizes.dtype)
+        )
+        levels = levels.clamp(min=k_min, max=k_max).to(torch.int64) - k_min
+        order = torch.sort(levels, stable=True).indices
+        counts = torch.bincount(levels, minlength=len(maps)).tolist()
+        chunks = [
+            self._pool(feature, level_rois, scale)
+            for feature, level_rois, scale, count in zip(maps, rois[order].split(counts), scales, counts)
+            if count > 0
+        ]
+        if len(chunks) == 1:
+            return chunks, None
+        return chunks, order
+
+    def _pool(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
+        return roi_align(feature, rois, self.output_size, scale, self.sampling_ratio, aligned=False)
 
 
 def build_roi_pooler(kind: str, output_size: int, sampling_ratio: int, stride: int) -> nn.Module:
-    """``[R, C_feat, 7, 7]`` features for ``R`` RoIs whatever their size."""
+    """A module pooling ``[C_feat, 7, 7]`` features for every RoI whatever its size (see
+    :class:`FPNRoIAlign` for what it returns)."""
     if kind == "multiscale_roi_align":
-        return MultiScaleRoIAlign(["0", "1", "2", "3"], output_size, sampling_ratio)
+        return FPNRoIAlign(["0", "1", "2", "3"], output_size, sampling_ratio)
     return SingleLevelRoIPooler(kind, output_size, 1.0 / stride, sampling_ratio)
 
 
@@ -135,8 +209,13 @@ class RoIHeads(nn.Module):
             if targets is None:
                 raise ValueError("targets are required in training mode")
             proposals, labels, regression_targets = self.sample_proposals(proposals, targets)
-        pooled = self.box_roi_pool(features, proposals, image_sizes)
-        class_logits, box_deltas = self.box_predictor(self.box_head(pooled))
+        pooled_chunks, order = self.box_roi_pool(features, proposals, image_sizes)
+        hidden = [self.box_head(pooled) for pooled in pooled_chunks]
+        class_logits, box_deltas = self.box_predictor(hidden[0] if len(hidden) == 1 else torch.cat(hidden))
+        if order is not None:  # back to proposal order
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(len(order), device=order.device)
+            class_logits, box_deltas = class_logits[inverse], box_deltas[inverse]
 
         if self.training:
             return [], self.loss(class_logits, box_deltas, labels, regression_targets)
@@ -148,34 +227,52 @@ class RoIHeads(nn.Module):
     def sample_proposals(
         self, proposals: list[Tensor], targets: Sequence[dict[str, Tensor]]
     ) -> tuple[list[Tensor], Tensor, Tensor]:
-        """Adds gt boxes to the proposals, labels them, samples them. Returns the sampled RoIs per
-        image, their labels ``[R]`` (class or 0) and regression targets ``[R, 4]``."""
-        with_gt = [torch.cat([p, t["boxes"].to(p.dtype)]) for p, t in zip(proposals, targets)]
-        num_images = len(with_gt)
-        max_rois = max(p.shape[0] for p in with_gt)
-        device = with_gt[0].device
-        labels = torch.full((num_images, max_rois), -1, dtype=torch.int64, device=device)  # -1 pads
-        matched_boxes = torch.zeros((num_images, max_rois, 4), dtype=with_gt[0].dtype, device=device)
-        for i, (rois, target) in enumerate(zip(with_gt, targets)):
-            count = rois.shape[0]
-            gt_boxes, gt_labels = target["boxes"], target["labels"]
-            if gt_boxes.numel() == 0:
-                labels[i, :count] = 0
-                continue
-            matched_idxs, matched_vals = self.matcher(box_iou(gt_boxes, rois))
-            image_labels = gt_labels[matched_idxs.clamp(min=0)].to(torch.int64)
-            image_labels[matched_idxs == BELOW_LOW_THRESHOLD] = 0
-            image_labels[matched_idxs == BETWEEN_THRESHOLDS] = -1
-            image_labels[matched_vals < self.bg_iou_low] = -1
-            labels[i, :count] = image_labels
-            matched_boxes[i, :count] = gt_boxes[matched_idxs.clamp(min=0)]
+        """Adds the gt boxes to each image's proposals, labels them and samples them, batched over
+        images. Returns the sampled RoIs per image, their labels ``[R]`` (class, or 0 for
+        background) and regression targets ``[R, 4]``, in image order.
 
-        positive, negative = sample_balanced(labels, self.batch_size_per_image, self.positive_fraction)
-        sampled = positive | negative
-        sampled_rois = [rois[sampled[i, : rois.shape[0]]] for i, rois in enumerate(with_gt)]
-        sampled_labels = labels[sampled]
-        regression_targets = self.box_coder.encode(matched_boxes[sampled], torch.cat(sampled_rois))
-        return sampled_rois, sampled_labels, regression_targets
+        Labels: best IoU ≥ ``fg_iou_thresh`` → the gt's class; in ``[bg_iou_low, bg_iou_thresh)``
+        → 0; otherwise -1 (ignored). Every RoI of an image without gt is background. The
+        proposals are constants here (no gradient flows into the RPN through them: the paper's
+        "approximate joint training").
+        """
+        num_images = len(proposals)
+        device = proposals[0].device
+        gt_boxes_per_image = [t["boxes"].to(proposals[0].dtype) for t in targets]
+        rois = torch.cat([boxes for pair in zip(proposals, gt_boxes_per_image) for boxes in pair])
+        roi_counts = torch.as_tensor([len(p) + len(g) for p, g in zip(proposals, gt_boxes_per_image)], device=device)
+        gt_counts = torch.as_tensor([len(g) for g in gt_boxes_per_image], device=device)
+        image_ids = torch.arange(num_images, device=device)
+        roi_image = torch.repeat_interleave(image_ids, roi_counts)
+        gt_image = torch.repeat_interleave(image_ids, gt_counts)
+        gt_boxes = torch.cat(gt_boxes_per_image)
+        gt_labels = torch.cat([t["labels"] for t in targets]).to(torch.int64)
+
+        # One IoU matrix for the batch; pairs from different images get -1 so they never match.
+        iou = box_iou(gt_boxes, rois).masked_fill_(gt_image[:, None] != roi_image[None, :], -1.0)
+        matches, matched_vals = self.matcher(iou)
+        if gt_boxes.shape[0] > 0:
+            labels = gt_labels[matches.clamp(min=0)]
+            matched_boxes = gt_boxes[matches.clamp(min=0)]
+        else:
+            labels = torch.zeros_like(matches)
+            matched_boxes = torch.zeros_like(rois)
+        labels.masked_fill_(matches == BELOW_LOW_THRESHOLD, 0)
+        labels.masked_fill_(matches == BETWEEN_THRESHOLDS, -1)
+        labels.masked_fill_((matched_vals >= 0) & (matched_vals < self.bg_iou_low), -1)
+
+        # Sample per image on a [N, max RoIs] layout padded with -1 (ignored).
+        starts = torch.cumsum(roi_counts, dim=0) - roi_counts
+        column = torch.arange(rois.shape[0], device=device) - starts[roi_image]
+        padded = torch.full((num_images, int(roi_counts.max())), -1, dtype=torch.int64, device=device)
+        padded[roi_image, column] = labels
+        positive, negative = sample_balanced(padded, self.batch_size_per_image, self.positive_fraction)
+        sampled = (positive | negative)[roi_image, column]
+
+        sampled_counts = torch.bincount(roi_image[sampled], minlength=num_images).tolist()
+        sampled_rois = rois[sampled]
+        regression_targets = self.box_coder.encode(matched_boxes[sampled], sampled_rois)
+        return list(sampled_rois.split(sampled_counts)), labels[sampled], regression_targets
 
     def loss(
         self, class_logits: Tensor, box_deltas: Tensor, labels: Tensor, regression_targets: Tensor

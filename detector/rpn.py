@@ -14,7 +14,7 @@ from torchvision.ops import box_iou
 
 from .anchors import AnchorGenerator
 from .boxes import BoxCoder, batched_nms, clip_boxes, min_size_mask
-from .sampling import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, Matcher, sample_balanced
+from .sampling import BETWEEN_THRESHOLDS, Matcher, sample_balanced
 
 
 class RPNHead(nn.Module):
@@ -219,31 +219,30 @@ class RegionProposalNetwork(nn.Module):
         Rules (paper §3.1.2): IoU ≥ fg threshold → positive; each gt's best anchor(s) → positive;
         IoU < bg threshold for every gt → negative; the rest ignored. No gt: all negative.
         With ``allowed_border`` set, anchors reaching further outside the image are ignored.
+        Batched: one IoU matrix between the gts of all images and the (shared) anchors.
         """
-        all_labels, all_matched = [], []
-        for target, (height, width) in zip(targets, image_sizes):
-            gt_boxes = target["boxes"]
-            if gt_boxes.numel() == 0:
-                labels = torch.zeros(anchors.shape[0], dtype=torch.float32, device=anchors.device)
-                matched = torch.zeros_like(anchors)
-            else:
-                matched_idxs, _ = self.matcher(box_iou(gt_boxes, anchors))
-                matched = gt_boxes[matched_idxs.clamp(min=0)]
-                labels = (matched_idxs >= 0).to(torch.float32)
-                labels[matched_idxs == BELOW_LOW_THRESHOLD] = 0.0
-                labels[matched_idxs == BETWEEN_THRESHOLDS] = -1.0
-            if self.allowed_border is not None:
-                border = self.allowed_border
-                outside = (
-                    (anchors[:, 0] < -border)
-                    | (anchors[:, 1] < -border)
-                    | (anchors[:, 2] > width + border)
-                    | (anchors[:, 3] > height + border)
-                )
-                labels[outside] = -1.0
-            all_labels.append(labels)
-            all_matched.append(matched)
-        return torch.stack(all_labels), torch.stack(all_matched)
+        num_images = len(targets)
+        gt_boxes = torch.cat([t["boxes"] for t in targets]).to(anchors.dtype)
+        gt_counts = torch.as_tensor([len(t["boxes"]) for t in targets], device=anchors.device)
+        gt_image = torch.repeat_interleave(torch.arange(num_images, device=anchors.device), gt_counts)
+        matches, _ = self.matcher.match_per_image(box_iou(gt_boxes, anchors), gt_image, num_images)
+
+        labels = (matches >= 0).to(anchors.dtype)
+        labels.masked_fill_(matches == BETWEEN_THRESHOLDS, -1.0)
+        if gt_boxes.shape[0] > 0:
+            matched_gt_boxes = gt_boxes[matches.clamp(min=0)]
+        else:
+            matched_gt_boxes = anchors.new_zeros((num_images, anchors.shape[0], 4))
+        if self.allowed_border is not None:
+            border = self.allowed_border
+            sizes = torch.as_tensor(image_sizes, dtype=anchors.dtype, device=anchors.device)  # [N, 2] (h, w)
+            outside = (
+                ((anchors[:, 0] < -border) | (anchors[:, 1] < -border))[None, :]
+                | (anchors[None, :, 2] > sizes[:, 1:2] + border)
+                | (anchors[None, :, 3] > sizes[:, 0:1] + border)
+            )
+            labels.masked_fill_(outside, -1.0)
+        return labels, matched_gt_boxes
 
     def loss(
         self, objectness: Tensor, pred_deltas: Tensor, anchors: Tensor, labels: Tensor, matched_gt_boxes: Tensor

@@ -16,34 +16,68 @@ BETWEEN_THRESHOLDS = -2
 class Matcher:
     """Assigns each prediction the ground-truth box it overlaps most.
 
-    For IoU matrix ``[G, P]`` (gt × predictions) returns ``matched_idxs [P]``: the gt index when
-    the best IoU is ``≥ high``; ``BELOW_LOW_THRESHOLD`` (-1) when it is ``< low``;
-    ``BETWEEN_THRESHOLDS`` (-2) otherwise. With ``allow_low_quality_matches`` every gt's best
-    prediction(s) — all ties included — are matched even below ``high`` (paper §3.1.2: "the
-    anchor/anchors with the highest IoU overlap with a ground-truth box"), so no gt goes unmatched.
-    Also returns ``matched_vals [P]``, the best IoU of each prediction.
+    A match is the gt index when the best IoU is ``≥ high``; ``BELOW_LOW_THRESHOLD`` (-1) when it
+    is ``< low`` (also when the image has no gt); ``BETWEEN_THRESHOLDS`` (-2) otherwise. With
+    ``allow_low_quality_matches`` every gt's best prediction(s) — all ties included — are matched
+    even below ``high`` (paper §3.1.2: "the anchor/anchors with the highest IoU overlap with a
+    ground-truth box"), so that no gt goes unmatched; such a prediction takes its own best gt. A gt
+    that overlaps no prediction at all (best IoU 0) has no best prediction.
+
+    Two forms: ``matcher(iou)`` for an IoU matrix ``[G, P]`` of one image (or of a batch whose
+    cross-image entries were set to -1), and ``matcher.match_per_image(iou, gt_image, N)`` for
+    predictions shared by all ``N`` images of a batch (anchors), where gt ``g`` belongs to image
+    ``gt_image[g]``. Ties between gts go to the lowest gt index in both.
     """
 
     def __init__(self, high: float, low: float, allow_low_quality_matches: bool):
         if low > high:
             raise ValueError(f"low threshold {low} above high threshold {high}")
+        if low < 0:
+            raise ValueError(f"low threshold {low} below 0: IoUs of -1 mark pairs that cannot match")
         self.high = high
         self.low = low
         self.allow_low_quality_matches = allow_low_quality_matches
 
     def __call__(self, iou: Tensor) -> tuple[Tensor, Tensor]:
-        if iou.numel() == 0:
-            raise ValueError("cannot match against an empty IoU matrix (no gt or no predictions)")
+        """``iou [G, P]`` → ``matches [P]`` (gt index, -1 or -2) and ``matched_vals [P]`` (best
+        IoU of each prediction; -1 when there is no gt)."""
+        num_gt, num_predictions = iou.shape
+        if num_gt == 0:
+            matched_vals = iou.new_full((num_predictions,), -1.0)
+            return torch.full_like(matched_vals, BELOW_LOW_THRESHOLD, dtype=torch.int64), matched_vals
         matched_vals, matches = iou.max(dim=0)
-        all_matches = matches.clone() if self.allow_low_quality_matches else None
-        matches[matched_vals < self.low] = BELOW_LOW_THRESHOLD
-        matches[(matched_vals >= self.low) & (matched_vals < self.high)] = BETWEEN_THRESHOLDS
-        if all_matches is not None:
-            best_per_gt = iou.max(dim=1).values
-            # Every prediction that ties a gt's best IoU; such a prediction takes its own argmax gt.
-            _, pred_idxs = torch.nonzero(iou == best_per_gt[:, None], as_tuple=True)
-            matches[pred_idxs] = all_matches[pred_idxs]
-        return matches, matched_vals
+        gt_image = torch.zeros(num_gt, dtype=torch.int64, device=iou.device)
+        matches = self._label(iou, gt_image, matches[None], matched_vals[None])
+        return matches[0], matched_vals
+
+    def match_per_image(self, iou: Tensor, gt_image: Tensor, num_images: int) -> tuple[Tensor, Tensor]:
+        """``iou [G, P]`` between the gts of the whole batch and predictions shared by every image;
+        ``gt_image [G]`` the image of each gt. Returns ``matches [N, P]`` (index into the ``G``
+        gts, or -1 / -2) and ``matched_vals [N, P]`` (-1 for images without gt), computed as a
+        segmented max over each image's rows of ``iou``: no per-image loop, no padding."""
+        num_gt, num_predictions = iou.shape
+        matched_vals = iou.new_full((num_images, num_predictions), -1.0)
+        if num_gt == 0:
+            return torch.full_like(matched_vals, BELOW_LOW_THRESHOLD, dtype=torch.int64), matched_vals
+        rows = gt_image[:, None].expand(num_gt, num_predictions)
+        matched_vals.scatter_reduce_(0, rows, iou, reduce="amax")
+        # The first gt of the image that attains the maximum (num_gt where the image has none).
+        gt_index = torch.arange(num_gt, device=iou.device)[:, None].expand(num_gt, num_predictions)
+        candidates = torch.where(iou == matched_vals[gt_image], gt_index, num_gt)
+        matches = torch.full((num_images, num_predictions), num_gt, dtype=torch.int64, device=iou.device)
+        matches.scatter_reduce_(0, rows, candidates, reduce="amin")
+        return self._label(iou, gt_image, matches, matched_vals), matched_vals
+
+    def _label(self, iou: Tensor, gt_image: Tensor, best_gt: Tensor, matched_vals: Tensor) -> Tensor:
+        """Thresholds (and the best-prediction rule) applied to ``best_gt [N, P]``."""
+        matches = best_gt.masked_fill(matched_vals < self.low, BELOW_LOW_THRESHOLD)
+        matches.masked_fill_((matched_vals >= self.low) & (matched_vals < self.high), BETWEEN_THRESHOLDS)
+        if self.allow_low_quality_matches:
+            best_per_gt = iou.max(dim=1, keepdim=True).values  # [G, 1]
+            gt_idx, pred_idx = torch.nonzero((iou == best_per_gt) & (best_per_gt > 0), as_tuple=True)
+            image_idx = gt_image[gt_idx]
+            matches[image_idx, pred_idx] = best_gt[image_idx, pred_idx]
+        return matches
 
 
 def sample_balanced(

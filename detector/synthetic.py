@@ -21,6 +21,8 @@ CATEGORIES: tuple[str, ...] = ("circle", "square", "triangle")
 
 @dataclass(frozen=True)
 class SyntheticImage:
+    """One generated image and its exact annotations (``N`` may be 0)."""
+
     image: torch.Tensor  # uint8 [3, H, W]
     boxes: torch.Tensor  # float32 [N, 4], x1 y1 x2 y2, tight around the object's pixels
     labels: torch.Tensor  # int64 [N], 1..len(CATEGORIES)
@@ -42,7 +44,11 @@ def _shape_mask(kind: int, size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def make_image(seed: int, index: int, size: int | tuple[int, int] = 128, max_objects: int = 4) -> SyntheticImage:
-    """The ``index``-th image of the synthetic dataset ``seed``; ``size`` is ``H`` or ``(H, W)``."""
+    """The ``index``-th image of the synthetic dataset ``seed``; ``size`` is ``H`` or ``(H, W)``.
+
+    The background is drawn before the shapes, so it depends on ``(seed, index, size)`` only:
+    ``make_image(seed, index, size, max_objects=0)`` is the same image with no shape drawn on it.
+    """
     height, width = (size, size) if isinstance(size, int) else size
     if height < 16 or width < 16:
         raise ValueError(f"synthetic images need at least 16×16 pixels, got {height}×{width}")

@@ -66,8 +66,12 @@ class Transform(nn.Module):
     """Normalise each image, resize it so its short side is ``min_size`` (long side at most
     ``max_size``, aspect kept), pad the batch to a common size divisible by ``size_divisible``.
 
-    ``forward`` returns the batch ``[N,3,H_pad,W_pad]``, the resized sizes ``[(h, w)]`` (the valid
-    region of each image) and the targets with boxes scaled accordingly.
+    ``forward`` returns the batch ``[N,3,H_pad,W_pad]`` (zero padding right and bottom), the
+    resized sizes ``[(h, w)]`` (the valid region of each image) and the targets with boxes scaled
+    accordingly. Normalising then resizing (bilinear, no antialiasing) is torchvision's order, kept
+    so that the batch is torchvision's to the last bit. With ``channels_last`` the batch is laid
+    out NHWC, which the convolution kernels run faster on (its shape is unchanged; the NHWC
+    resize kernel may round differently in the last bit).
     """
 
     def __init__(
@@ -77,8 +81,10 @@ class Transform(nn.Module):
         image_mean: Sequence[float],
         image_std: Sequence[float],
         size_divisible: int,
+        channels_last: bool = False,
     ):
         super().__init__()
+        self.channels_last = channels_last
         self.min_size = min_size
         self.max_size = max_size
         self.image_mean = tuple(image_mean)
@@ -88,36 +94,49 @@ class Transform(nn.Module):
     def forward(
         self, images: Sequence[Tensor], targets: Sequence[dict[str, Tensor]] | None = None
     ) -> tuple[Tensor, list[tuple[int, int]], list[dict[str, Tensor]] | None]:
-        resized = []
-        scaled_targets = [] if targets is not None else None
-        for i, image in enumerate(images):
-            mean = torch.as_tensor(self.image_mean, dtype=image.dtype, device=image.device)
-            std = torch.as_tensor(self.image_std, dtype=image.dtype, device=image.device)
-            normalised = (image - mean[:, None, None]) / std[:, None, None]
-            out = self.resize(normalised)
-            resized.append(out)
-            if scaled_targets is not None:
-                target = dict(targets[i])
-                target["boxes"] = scale_boxes(target["boxes"], image.shape[-2:], out.shape[-2:])
-                scaled_targets.append(target)
-        image_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in resized]
-        return self.batch(resized), image_sizes, scaled_targets
+        image_sizes = [self.resized_size(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        batch = self.zero_batch(images[0], image_sizes)
+        for slot, image, (height, width) in zip(batch, images, image_sizes):
+            slot[:, :height, :width].copy_(self.normalise_and_resize(image, (height, width)))
 
-    def resize(self, image: Tensor) -> Tensor:
-        height, width = image.shape[-2:]
+        scaled_targets = None
+        if targets is not None:
+            scaled_targets = []
+            for image, size, target in zip(images, image_sizes, targets):
+                scaled = dict(target)
+                scaled["boxes"] = scale_boxes(target["boxes"], image.shape[-2:], size)
+                scaled_targets.append(scaled)
+        return batch, image_sizes, scaled_targets
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """The size ``(h, w)`` an image of ``height × width`` is resized to: torchvision's rule
+        (sizes floored, the scale recomputed from them), but never below 1 pixel, so that very
+        thin images still resize."""
         scale = min(self.min_size / min(height, width), self.max_size / max(height, width))
-        return F.interpolate(
-            image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
-        )[0]
+        return max(1, math.floor(float(height) * scale)), max(1, math.floor(float(width) * scale))
 
-    def batch(self, images: Sequence[Tensor]) -> Tensor:
+    def normalise_and_resize(self, image: Tensor, size: tuple[int, int]) -> Tensor:
+        """``[3,H,W]`` image in ``[0,1]`` → ``[3,h,w]`` normalised and resized to ``size``."""
+        mean = torch.as_tensor(self.image_mean, dtype=image.dtype, device=image.device)[:, None, None]
+        std = torch.as_tensor(self.image_std, dtype=image.dtype, device=image.device)[:, None, None]
+        normalised = (image - mean).div_(std)[None]
+        if self.channels_last:  # the NHWC bilinear kernel is the faster one, and writes NHWC
+            normalised = normalised.contiguous(memory_format=torch.channels_last)
+        return F.interpolate(normalised, size=size, mode="bilinear", align_corners=False)[0]
+
+    def zero_batch(self, like: Tensor, image_sizes: Sequence[tuple[int, int]]) -> Tensor:
+        """A zero ``[N,3,H_pad,W_pad]`` tensor, ``H_pad``/``W_pad`` the largest image sizes rounded
+        up to a multiple of ``size_divisible``."""
         stride = self.size_divisible
-        height = int(math.ceil(max(img.shape[-2] for img in images) / stride) * stride)
-        width = int(math.ceil(max(img.shape[-1] for img in images) / stride) * stride)
-        batched = images[0].new_zeros((len(images), 3, height, width))
-        for slot, image in zip(batched, images):
-            slot[:, : image.shape[-2], : image.shape[-1]].copy_(image)
-        return batched
+        height = int(math.ceil(max(h for h, _ in image_sizes) / stride) * stride)
+        width = int(math.ceil(max(w for _, w in image_sizes) / stride) * stride)
+        batch = torch.empty(
+            (len(image_sizes), 3, height, width),
+            dtype=like.dtype,
+            device=like.device,
+            memory_format=torch.channels_last if self.channels_last else torch.contiguous_format,
+        )
+        return batch.zero_()
 
     @staticmethod
     def postprocess(
