@@ -32,7 +32,7 @@ ACCESS_KEY = "detectflow"
 SECRET_KEY = "detectflow-local-secret"
 READER_ACCESS_KEY = "detectflow-reader"
 READER_SECRET_KEY = "detectflow-reader-secret"
-_STOP_GRACE_S = 2.0  # weed's graceful gRPC shutdown can hang on open streams; then it is killed
+_STOP_GRACE_S = 0.5  # weed's graceful gRPC shutdown hangs on open streams for many seconds: then kill it
 
 
 def free_port() -> int:
@@ -116,6 +116,10 @@ class SeaweedS3:
             f"-s3.config={self.identities_path}",
             "-s3.autoCreateBucket=false",
             "-master.telemetry=false",
+            # A restarted single master would wait ~20 s for a Raft election over its old state;
+            # without it the master comes up at once and relearns the volumes (and the highest
+            # file id) from the volume server's heartbeat.
+            "-master.resumeState=false",
             # Each bucket is a collection with volumes of its own: small volumes, and a volume count
             # that follows the free disk (max=0), so that many buckets never exhaust it.
             "-master.volumeSizeLimitMB=64",
