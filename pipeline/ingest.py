@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import io
 import json
-import logging
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
@@ -26,19 +25,28 @@ from .dataset import DEFAULT_SHARD_SIZE, Dataset, DatasetWriter, known_sources, 
 from .decode import DecodeError, probe
 from .storage import StorageOptions
 
-log = logging.getLogger(__name__)
-
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 READ_THREADS = 16
-READ_WINDOW = 64  # files in flight at most: bounds memory to ~64 images
+# Read-ahead limits: files fetched or waiting to be consumed at most, and bytes fetched but not yet
+# consumed at most. Memory stays below about READ_BUDGET_BYTES plus READ_THREADS files in transfer.
+READ_WINDOW = 64
+READ_BUDGET_BYTES = 256 * 1024 * 1024
 Progress = Callable[[int], None] | None
 
 
 def read_many(
-    uris: Iterable[str], storage_options: StorageOptions | None = None, threads: int = READ_THREADS
+    uris: Iterable[str],
+    storage_options: StorageOptions | None = None,
+    *,
+    threads: int = READ_THREADS,
+    window: int = READ_WINDOW,
+    budget_bytes: int = READ_BUDGET_BYTES,
 ) -> Iterator[tuple[str, bytes | storage.StorageError]]:
-    """``(uri, bytes or the StorageError)`` in input order, at most ``READ_WINDOW`` in flight."""
-    pending: list[tuple[str, Future]] = []
+    """``(uri, bytes or the StorageError)`` in input order, fetched by ``threads`` threads ahead
+    of the consumer: at most ``threads`` transfers at a time, at most ``window`` files ahead, and
+    no new transfer while the files fetched but not yet consumed hold ``budget_bytes`` or more.
+    """
+    pending: deque[tuple[str, Future]] = deque()
 
     def read(uri: str) -> bytes | storage.StorageError:
         try:
@@ -46,14 +54,26 @@ def read_many(
         except storage.StorageError as exc:
             return exc
 
+    def fetched_bytes() -> int:
+        return sum(
+            len(result) for _, future in pending if future.done() and isinstance(result := future.result(), bytes)
+        )
+
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for uri in uris:
+            while True:
+                if pending and (len(pending) >= window or fetched_bytes() >= budget_bytes):
+                    head_uri, head = pending.popleft()
+                    yield head_uri, head.result()
+                    continue
+                in_transfer = [future for _, future in pending if not future.done()]
+                if len(in_transfer) < threads:
+                    break
+                wait(in_transfer, return_when=FIRST_COMPLETED)
             pending.append((uri, pool.submit(read, uri)))
-            if len(pending) >= READ_WINDOW:
-                head_uri, head = pending.pop(0)
-                yield head_uri, head.result()
-        for uri, future in pending:
-            yield uri, future.result()
+        while pending:
+            head_uri, head = pending.popleft()
+            yield head_uri, head.result()
 
 
 # --------------------------------------------------------------------------------------- COCO
@@ -76,19 +96,18 @@ def ingest_coco(
     size differs from the JSON's (including an EXIF rotation that swaps it: its boxes would be
     ambiguous) is rejected with the reason; an annotation with non-positive size, an unknown
     category or lying entirely outside its image is rejected, naming the annotation id; one reaching
-    partly outside is clipped and listed under ``cleaned``. Files not listed in the JSON are not
-    inputs of a COCO dataset and are ignored.
+    partly outside is clipped and listed under ``cleaned``. Of entries sharing an image id or an
+    annotation id the first is kept and the others are rejected. Files not listed in the JSON are
+    not inputs of a COCO dataset and are ignored.
+
+    Images stream through (memory bounded by the shard size); the annotation JSON is parsed whole,
+    as COCO files are single JSON documents.
     """
     try:
         coco = json.loads(storage.read_bytes(annotations_uri, storage_options))
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:
         raise ValueError(f"{storage.redact(annotations_uri)} is not valid JSON: {exc}") from exc
-    for key in ("images", "annotations", "categories"):
-        if key not in coco:
-            raise ValueError(f"{storage.redact(annotations_uri)} is not a COCO instances file: no {key!r}")
-    sorted_categories = sorted(coco["categories"], key=lambda c: c["id"])
-    label_of = {c["id"]: i + 1 for i, c in enumerate(sorted_categories)}
-    categories = [{"label": label_of[c["id"]], "name": c["name"], "source_id": c["id"]} for c in sorted_categories]
+    categories, label_of = _coco_categories(coco, annotations_uri)
     writer = DatasetWriter(
         out_uri,
         categories=categories,
@@ -101,15 +120,34 @@ def ingest_coco(
         shard_size=shard_size,
         storage_options=storage_options,
     )
-    annotations_of: dict[Any, list[dict]] = defaultdict(list)
-    image_ids = {image["id"] for image in coco["images"]}
-    for annotation in coco["annotations"]:
-        if annotation.get("image_id") not in image_ids:
-            writer.reject(f"annotation {annotation.get('id')}", f"refers to unknown image {annotation.get('image_id')}")
-            continue
-        annotations_of[annotation["image_id"]].append(annotation)
+    images: list[dict] = []
+    first_file_of: dict[Any, str] = {}
+    for position, image in enumerate(coco["images"]):
+        if not isinstance(image, dict) or not _is_id(image.get("id")) or not isinstance(image.get("file_name"), str):
+            writer.reject(f"images[{position}]", "an image entry needs an integer or string id and a file_name")
+        elif image["id"] in first_file_of:
+            writer.reject(
+                f"image {image['id']} ({image['file_name']})",
+                f"duplicate image id (first listed for {first_file_of[image['id']]})",
+            )
+        else:
+            first_file_of[image["id"]] = image["file_name"]
+            images.append(image)
 
-    images = coco["images"]
+    annotations_of: dict[Any, list[dict]] = defaultdict(list)
+    annotation_ids: set[Any] = set()
+    for position, annotation in enumerate(coco["annotations"]):
+        if not isinstance(annotation, dict) or not _is_id(annotation.get("id")):
+            writer.reject(f"annotations[{position}]", "an annotation needs an integer or string id")
+        elif annotation["id"] in annotation_ids:
+            writer.reject(f"annotation {annotation['id']}", "duplicate annotation id (the first one is kept)")
+        elif not _is_id(annotation.get("image_id")) or annotation["image_id"] not in first_file_of:
+            annotation_ids.add(annotation["id"])
+            writer.reject(f"annotation {annotation['id']}", f"refers to unknown image {annotation.get('image_id')}")
+        else:
+            annotation_ids.add(annotation["id"])
+            annotations_of[annotation["image_id"]].append(annotation)
+
     uris = (storage.join(images_uri, image["file_name"]) for image in images)
     for done, (image, (uri, data)) in enumerate(zip(images, read_many(uris, storage_options)), start=1):
         image_id = str(image["id"])
@@ -117,10 +155,40 @@ def ingest_coco(
             reason = "missing file" if not data.transient else f"unreadable: {data}"
             writer.reject(f"image {image_id} ({image['file_name']})", reason)
         else:
-            _add_coco_image(writer, image, image_id, uri, data, annotations_of[image["id"]], label_of)
+            _add_coco_image(writer, image, image_id, uri, data, annotations_of.pop(image["id"], []), label_of)
         if progress is not None:
             progress(done)
     return writer.close()
+
+
+def _is_id(value: Any) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and bool(value))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
+def _coco_categories(coco: Any, annotations_uri: str) -> tuple[list[dict[str, Any]], dict[Any, int]]:
+    """The dataset's categories (labels ``1..K`` in COCO id order) and ``{coco id: label}``; a
+    file that is not a COCO instances file is a ``ValueError`` naming it."""
+    where = storage.redact(annotations_uri)
+    if not isinstance(coco, dict):
+        raise ValueError(f"{where} is not a COCO instances file: not a JSON object")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(coco.get(key), list):
+            raise ValueError(f"{where} is not a COCO instances file: no {key!r} list")
+    for category in coco["categories"]:
+        named = isinstance(category, dict) and isinstance(category.get("name"), str)
+        if not named or not _is_id(category.get("id")):
+            raise ValueError(f"{where}: category {category!r} needs an id and a name")
+    ids = [category["id"] for category in coco["categories"]]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{where}: duplicate category ids {sorted({i for i in ids if ids.count(i) > 1}, key=str)}")
+    ordered = sorted(coco["categories"], key=lambda c: (isinstance(c["id"], str), c["id"]))
+    label_of = {category["id"]: label for label, category in enumerate(ordered, start=1)}
+    categories = [{"label": label_of[c["id"]], "name": c["name"], "source_id": c["id"]} for c in ordered]
+    return categories, label_of
 
 
 def _add_coco_image(
@@ -150,10 +218,10 @@ def _add_coco_image(
     for annotation in annotations:
         name = f"annotation {annotation.get('id')} (image {image_id})"
         bbox = annotation.get("bbox")
-        if annotation.get("category_id") not in label_of:
+        if not _is_id(annotation.get("category_id")) or annotation["category_id"] not in label_of:
             writer.reject(name, f"unknown category {annotation.get('category_id')}")
             continue
-        if not isinstance(bbox, list) or len(bbox) != 4 or not all(np.isfinite(v) for v in bbox):
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
             writer.reject(name, f"malformed bbox {bbox!r}")
             continue
         x, y, w, h = (float(v) for v in bbox)
@@ -197,11 +265,16 @@ def ingest_images(
     to the prefix (so equal names in different folders stay distinct).
 
     A file with an image suffix whose header cannot be read still becomes a row (width/height null)
-    and is listed under ``invalid``: inference reports it as one error row. ``only_new`` appends to
-    an existing dataset only the files whose source URI it does not hold yet (incremental ingest).
+    and is listed under ``invalid``: inference reports it as one error row. A file that cannot be
+    read at all is ``rejected``; files without an image suffix are counted (and listed, up to
+    ``MAX_LISTED``) under ``skipped``. ``only_new`` appends to an existing dataset only the files
+    whose source URI it does not hold yet (incremental ingest); ``skipped`` then describes the
+    latest listing.
     """
     prefix = storage.normalize(prefix_uri)
     images, others = list_images(prefix, storage_options)
+    if not images and not others:
+        raise ValueError(f"no files under {storage.redact(prefix)}")
     writer = DatasetWriter(
         out_uri,
         categories=[],
@@ -210,9 +283,10 @@ def ingest_images(
         storage_options=storage_options,
         append=only_new,
     )
-    if only_new and storage.exists(storage.join(out_uri, "dataset.json"), storage_options):
+    if only_new and writer.shards:
         seen = known_sources(open_dataset(out_uri, storage_options), storage_options)
         images = [u for u in images if u not in seen]
+        writer.clear_skipped()
     for other in others:
         writer.skip(storage.relative_path(other, prefix))
     for done, (uri, data) in enumerate(read_many(images, storage_options), start=1):
@@ -222,8 +296,8 @@ def ingest_images(
         else:
             size = probe(data, image_id)
             if isinstance(size, DecodeError):
-                writer.mark_invalid(image_id, size.message)
-                writer.add(image_id, data, uri)
+                if writer.add(image_id, data, uri):
+                    writer.mark_invalid(image_id, size.message)
             else:
                 writer.add(image_id, data, uri, width=size[0], height=size[1])
         if progress is not None:
@@ -235,6 +309,7 @@ def ingest_images(
 
 
 def encode_png(image_chw: np.ndarray) -> bytes:
+    """PNG bytes of a ``uint8 [3,H,W]`` RGB array (lossless, deterministic)."""
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image_chw.transpose(1, 2, 0))).save(buffer, format="PNG", compress_level=6)
     return buffer.getvalue()

@@ -77,6 +77,7 @@ class AlreadyCommitted(RuntimeError):
 
 
 def to_parquet_bytes(table: pa.Table) -> bytes:
+    """``table`` as a zstd-compressed Parquet file."""
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     return buffer.getvalue()
@@ -90,9 +91,11 @@ class OutputStore:
         self.storage_options = storage_options
 
     def file_uri(self, table: str, shard: str) -> str:
+        """``OUT_URI/<table>/<shard>.parquet`` (deterministic: a rewrite replaces, never adds)."""
         return storage.join(self.uri, table, f"{shard}.parquet")
 
     def commit_uri(self, shard: str) -> str:
+        """``OUT_URI/_commits/<shard>.json``: its presence is what makes the shard committed."""
         return storage.join(self.uri, COMMITS, f"{shard}.json")
 
     @property
@@ -112,6 +115,7 @@ class OutputStore:
             return dict(zip(names, records))
 
     def is_committed(self, shard: str) -> bool:
+        """Whether ``shard``'s commit record exists."""
         return storage.exists(self.commit_uri(shard), self.storage_options)
 
     def write_shard(
@@ -135,12 +139,15 @@ class OutputStore:
         storage.write_json(self.commit_uri(shard), commit, self.storage_options)
 
     def committed_files(self, table: str) -> list[str]:
+        """URIs of ``table``'s files (``"detections"`` or ``"images"``) of the committed shards."""
         if table not in SCHEMAS:
             raise ValueError(f"unknown output table {table!r}; expected one of {sorted(SCHEMAS)}")
         return [self.file_uri(table, shard) for shard in sorted(self.committed_names())]
 
     def read_table(self, table: str, shards: Iterable[str] | None = None) -> pa.Table:
         """A table over the committed shards (or the given ones) only."""
+        if table not in SCHEMAS:
+            raise ValueError(f"unknown output table {table!r}; expected one of {sorted(SCHEMAS)}")
         names = sorted(self.committed_names() if shards is None else shards)
         if not names:
             return SCHEMAS[table].empty_table()
@@ -153,9 +160,11 @@ class OutputStore:
             return pa.concat_tables(pool.map(read, names))
 
     def read_manifest(self) -> dict[str, Any] | None:
+        """The run manifest, or None before any run wrote one."""
         if not storage.exists(self.manifest_uri, self.storage_options):
             return None
         return storage.read_json(self.manifest_uri, self.storage_options)
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
+        """Replace the run manifest (atomically)."""
         storage.write_json(self.manifest_uri, manifest, self.storage_options)

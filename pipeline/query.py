@@ -7,6 +7,9 @@ as Arrow datasets, which it scans lazily with projection and filter push-down.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -35,11 +38,20 @@ def connect(out_uri: str, storage_options: StorageOptions | None = None) -> duck
     return connection
 
 
-def query(out_uri: str, sql: str, storage_options: StorageOptions | None = None) -> pa.Table:
-    """Run ``sql`` against the committed outputs at ``out_uri``; a bad query is a ``ValueError``."""
+def query(
+    out_uri: str,
+    sql: str,
+    storage_options: StorageOptions | None = None,
+    *,
+    parameters: Sequence[Any] | None = None,
+) -> pa.Table:
+    """Run ``sql`` against the committed outputs at ``out_uri``; a bad query is a ``ValueError``.
+
+    ``parameters`` fill the query's ``?`` placeholders (values are never spliced into the SQL).
+    """
     connection = connect(out_uri, storage_options)
     try:
-        return connection.sql(sql).to_arrow_table()
+        return connection.sql(sql, params=list(parameters) if parameters is not None else None).to_arrow_table()
     except duckdb.Error as exc:
         raise ValueError(f"query failed: {exc}") from exc
     finally:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
+import PIL
 import pyarrow.compute as pc
 import torch
 from PIL import Image
@@ -16,6 +18,7 @@ from .outputs import OutputStore
 from .query import query
 from .storage import StorageOptions
 
+# One colour per class (label modulo the palette): 16 colours that stay distinct on photos.
 PALETTE = [
     "#e6194b",
     "#3cb44b",
@@ -54,16 +57,16 @@ def render(
         dataset_uri = manifest.get("data_uri")
         if not dataset_uri:
             raise ValueError(f"{storage.redact(out_uri)} has no manifest naming its dataset: pass --dataset")
-    escaped = image_id.replace("'", "''")
-    images = query(out_uri, f"SELECT shard FROM images WHERE image_id = '{escaped}'", storage_options)
+    images = query(out_uri, "SELECT shard FROM images WHERE image_id = ?", storage_options, parameters=[image_id])
     if images.num_rows == 0:
         raise ValueError(f"image {image_id!r} is not among the committed outputs of {storage.redact(out_uri)}")
     shard = images.column("shard")[0].as_py()
     detections = query(
         out_uri,
-        f"SELECT label, label_name, score, x1, y1, x2, y2 FROM detections "
-        f"WHERE image_id = '{escaped}' AND score >= {float(score_threshold)} ORDER BY score",
+        "SELECT label, label_name, score, x1, y1, x2, y2 FROM detections "
+        "WHERE image_id = ? AND score >= ? ORDER BY score",
         storage_options,
+        parameters=[image_id, float(score_threshold)],
     ).to_pylist()
 
     dataset = open_dataset(dataset_uri, storage_options)
@@ -95,10 +98,6 @@ def render(
 
 def _font() -> str | None:
     """A TrueType font for readable labels at any size (Pillow's bundled DejaVu when present)."""
-    from pathlib import Path
-
-    import PIL
-
     for candidate in (
         Path(PIL.__file__).parent / "fonts" / "DejaVuSans.ttf",
         Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),

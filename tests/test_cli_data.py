@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+from PIL import Image
 from typer.testing import CliRunner
 
-from flows.cli import app
+from flows.cli import app, ingest_coco_command, ingest_images_command, synth_command
+from pipeline import storage
+from pipeline.dataset import DEFAULT_SHARD_SIZE
+from pipeline.outputs import OutputStore
+from pipeline.seaweed import READER_ACCESS_KEY, READER_SECRET_KEY
 from tests.corpus import write_bad_input_corpus
+from tests.test_outputs import output_tables
 
 runner = CliRunner()
 
@@ -53,6 +60,74 @@ def test_bad_arguments_are_one_clear_line(tmp_path) -> None:
     assert result.exit_code == 2  # Typer's own validation
     result = runner.invoke(app, ["synth", str(tmp_path / "x"), "--images", "1", "--storage-option", "novalue"])
     assert result.exit_code == 2 and "key=value" in result.output
+
+
+def test_ingest_coco_summary_names_rejections(tmp_path) -> None:
+    folder = tmp_path / "images"
+    write_bad_input_corpus(folder)
+    coco = {
+        "images": [
+            {"id": 1, "file_name": "good.jpg", "width": 64, "height": 48},
+            {"id": 2, "file_name": "gone.jpg", "width": 8, "height": 8},
+        ],
+        "categories": [{"id": 1, "name": "thing"}],
+        "annotations": [
+            {"id": 10, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4]},
+            {"id": 11, "image_id": 1, "category_id": 5, "bbox": [1, 1, 4, 4]},
+        ],
+    }
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    out = tmp_path / "ds"
+    args = ["ingest", "coco", str(out), "--images", str(folder), "--annotations", str(tmp_path / "ann.json")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "1 in 1 shards" in result.output and "categories  1: thing" in result.output
+    assert "image 2 (gone.jpg): missing file" in result.output
+    assert "annotation 11 (image 1): unknown category 5" in result.output
+    assert str(out) in result.output
+
+    result = runner.invoke(app, ["ingest", "coco", str(out), "--images", str(folder), "--annotations", "nope.json"])
+    assert result.exit_code == 1 and result.output.startswith("error: ") and "nope.json" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_shard_size_defaults_to_the_pipeline_default() -> None:
+    for command in (ingest_coco_command, ingest_images_command, synth_command):
+        assert inspect.signature(command).parameters["shard_size"].default == DEFAULT_SHARD_SIZE
+
+
+def test_show_writes_a_png(tmp_path) -> None:
+    data = tmp_path / "synth"
+    assert runner.invoke(app, ["synth", str(data), "--images", "2", "--image-size", "64"]).exit_code == 0
+    out = str(tmp_path / "out")
+    images, detections = output_tables("shard-00000", ["synth-0-0000000", "synth-0-0000001"])
+    OutputStore(out).write_shard("shard-00000", images, detections, {"run_id": "r"})
+    png = tmp_path / "view.png"
+    args = ["show", out, "--image-id", "synth-0-0000001", "--out", str(png), "--dataset", str(data)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "drew 2 detections of synth-0-0000001 (shard shard-00000)" in result.output
+    with Image.open(png) as picture:
+        assert picture.size == (64, 64)
+    result = runner.invoke(app, ["show", out, "--image-id", "nope", "--out", str(png), "--dataset", str(data)])
+    assert result.exit_code == 1 and "error: image 'nope' is not among the committed outputs" in result.output
+
+
+def test_storage_options_reach_the_storage_layer(s3_server, tmp_path) -> None:
+    """The environment holds full-access keys; a read-only key given with -S must be the one used."""
+    bucket = s3_server.new_bucket("cli")
+    read_only = ["-S", f"key={READER_ACCESS_KEY}", "-S", f"secret={READER_SECRET_KEY}"]
+    previous = storage.default_storage_options().get("s3", {})
+    try:
+        result = runner.invoke(app, ["synth", f"{bucket}/ds", "--images", "1", "--image-size", "32", *read_only])
+        assert result.exit_code == 1, result.output
+        assert result.output.startswith("error: writing s3://") and "Traceback" not in result.output
+        assert READER_SECRET_KEY not in result.output
+        assert not storage.exists(f"{bucket}/ds/dataset.json")
+    finally:
+        storage.set_default_storage_options("s3", previous)
+    result = runner.invoke(app, ["synth", f"{bucket}/ds", "--images", "1", "--image-size", "32"])
+    assert result.exit_code == 0, result.output
 
 
 def test_console_script_runs(tmp_path) -> None:
