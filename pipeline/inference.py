@@ -13,6 +13,10 @@ partial files a lost attempt left. Faults:
 
 Each actor runs up to two shards at once (a threaded actor): while one is on the device, the next
 is fetched and decoded, and outputs are written in the background.
+
+Storage settings travel with the work: the driver's ``AWS_*`` environment and its default storage
+options (the CLI's ``--storage-option``) are actor constructor arguments, so actors on a cluster
+started elsewhere (``ray start``, a Ray job) reach the same store as the driver.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from .worker import ShardTask, model_id_of, shard_tasks
 log = logging.getLogger(__name__)
 
 IN_FLIGHT_PER_ACTOR = 2
+STORAGE_ENVIRONMENT_PREFIXES = ("AWS_",)
 
 
 @dataclass
@@ -72,9 +77,19 @@ def _actor_class():
     class InferenceActor:
         """A :class:`ShardWorker` in a Ray actor process."""
 
-        def __init__(self, worker_kwargs: dict[str, Any]):
+        def __init__(
+            self,
+            worker_kwargs: dict[str, Any],
+            environment: dict[str, str],
+            default_options: dict[str, dict[str, Any]],
+        ):
             from .worker import ShardWorker
 
+            # The driver's storage settings: an actor on a cluster started elsewhere (a Ray job, a
+            # `ray start` head) does not inherit the driver's environment or its CLI options.
+            os.environ.update(environment)
+            for protocol, options in default_options.items():
+                storage.set_default_storage_options(protocol, options)
             self.worker = ShardWorker(**worker_kwargs)
 
         def pid(self) -> int:
@@ -100,6 +115,13 @@ def connect(ray_address: str | None) -> None:
         log_to_driver=True,
         logging_level=logging.WARNING,
     )
+
+
+def storage_environment() -> dict[str, str]:
+    """The driver's storage settings in its environment (``AWS_*``: endpoint, region, credentials,
+    profile), handed to the actors as constructor arguments — not ``runtime_env``, whose values
+    the Ray dashboard shows."""
+    return {name: value for name, value in os.environ.items() if name.startswith(STORAGE_ENVIRONMENT_PREFIXES)}
 
 
 def _is_actor_death(exc: BaseException) -> bool:
@@ -191,9 +213,11 @@ def run_inference(
     }
     actor_options = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": threads or 1}
     actor_class = _actor_class()
+    environment = storage_environment()
+    default_options = storage.default_storage_options()
 
     def new_actor():
-        return actor_class.options(**actor_options).remote(worker_kwargs)
+        return actor_class.options(**actor_options).remote(worker_kwargs, environment, default_options)
 
     actors = {index: new_actor() for index in range(num_actors)}
     in_flight: dict[Any, tuple[int, ShardTask]] = {}
