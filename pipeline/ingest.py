@@ -286,6 +286,8 @@ def ingest_images(
     if only_new and writer.shards:
         seen = known_sources(open_dataset(out_uri, storage_options), storage_options)
         images = [u for u in images if u not in seen]
+        if not images:  # nothing new: the dataset is left as it is, not even rewritten
+            return open_dataset(out_uri, storage_options)
         writer.clear_skipped()
     for other in others:
         writer.skip(storage.relative_path(other, prefix))
