@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections.abc import Callable
 from enum import Enum
 from typing import Annotated, Any, TypeVar
@@ -67,23 +66,24 @@ def _run(action: Callable[[], T]) -> T:
         raise typer.Exit(1) from None
 
 
-def _print_dataset_summary(dataset: Any, seconds: float) -> None:
-    typer.echo(f"dataset     {storage.redact(dataset.uri)}")
-    typer.echo(f"images      {dataset.num_images} in {len(dataset.shards)} shards ({seconds:.1f} s)")
-    if dataset.categories:
-        names = ", ".join(c["name"] for c in dataset.categories[:10])
-        more = f" … (+{len(dataset.categories) - 10})" if len(dataset.categories) > 10 else ""
-        typer.echo(f"categories  {len(dataset.categories)}: {names}{more}")
+def _print_dataset_summary(result: dict[str, Any]) -> None:
+    typer.echo(f"dataset     {result['uri']}")
+    typer.echo(f"images      {result['images']} in {result['shards']} shards ({result['seconds']:.1f} s)")
+    categories = result["categories"]
+    if categories:
+        more = f" … (+{len(categories) - 10})" if len(categories) > 10 else ""
+        typer.echo(f"categories  {len(categories)}: {', '.join(categories[:10])}{more}")
+    counts = result["counts"]
     for key, title in (("rejected", "rejected"), ("invalid", "undecodable"), ("cleaned", "cleaned")):
-        count = dataset.counts.get(key, 0)
+        count = counts.get(key, 0)
         if count:
             typer.echo(f"{title:<11} {count}")
-            for entry in getattr(dataset, key)[:5]:
+            for entry in result[key][:5]:
                 typer.echo(f"  - {entry.get('input', entry.get('image_id'))}: {entry['reason']}")
             if count > 5:
-                typer.echo(f"  … see {storage.redact(storage.join(dataset.uri, 'dataset.json'))}")
-    if dataset.counts.get("skipped"):
-        typer.echo(f"skipped     {dataset.counts['skipped']} files that are not images")
+                typer.echo(f"  … see {storage.join(result['uri'], 'dataset.json')}")
+    if counts.get("skipped"):
+        typer.echo(f"skipped     {counts['skipped']} files that are not images")
 
 
 @ingest_app.command("coco")
@@ -95,12 +95,15 @@ def ingest_coco_command(
     storage_option: StorageOption = None,
 ) -> None:
     """Ingest a COCO-format dataset (instances JSON + images) with its boxes and categories."""
-    from pipeline.ingest import ingest_coco
+    from flows.pipelines import ingest_flow
 
     _apply_storage_options(storage_option, out_uri, images, annotations)
-    started = time.perf_counter()
-    dataset = _run(lambda: ingest_coco(images, annotations, out_uri, shard_size=shard_size))
-    _print_dataset_summary(dataset, time.perf_counter() - started)
+    result = _run(
+        lambda: ingest_flow(
+            out_uri, source="coco", images_uri=images, annotations_uri=annotations, shard_size=shard_size
+        )
+    )
+    _print_dataset_summary(result)
 
 
 @ingest_app.command("images")
@@ -114,12 +117,13 @@ def ingest_images_command(
     storage_option: StorageOption = None,
 ) -> None:
     """Ingest every image file under a prefix (jpg, png, webp, bmp, gif, tiff; any case), unlabelled."""
-    from pipeline.ingest import ingest_images
+    from flows.pipelines import ingest_flow
 
     _apply_storage_options(storage_option, prefix_uri, out_uri)
-    started = time.perf_counter()
-    dataset = _run(lambda: ingest_images(prefix_uri, out_uri, shard_size=shard_size, only_new=only_new))
-    _print_dataset_summary(dataset, time.perf_counter() - started)
+    result = _run(
+        lambda: ingest_flow(out_uri, source="images", images_uri=prefix_uri, shard_size=shard_size, only_new=only_new)
+    )
+    _print_dataset_summary(result)
 
 
 @app.command("synth")
@@ -132,14 +136,15 @@ def synth_command(
     storage_option: StorageOption = None,
 ) -> None:
     """Generate a synthetic dataset of simple shapes with exact boxes (deterministic by seed)."""
-    from pipeline.ingest import ingest_synthetic
+    from flows.pipelines import ingest_flow
 
     _apply_storage_options(storage_option, out_uri)
-    started = time.perf_counter()
-    dataset = _run(
-        lambda: ingest_synthetic(out_uri, num_images=images, seed=seed, image_size=image_size, shard_size=shard_size)
+    result = _run(
+        lambda: ingest_flow(
+            out_uri, source="synthetic", num_images=images, seed=seed, image_size=image_size, shard_size=shard_size
+        )
     )
-    _print_dataset_summary(dataset, time.perf_counter() - started)
+    _print_dataset_summary(result)
 
 
 @app.command("query")
@@ -206,10 +211,11 @@ def evaluate_command(
     storage_option: StorageOption = None,
 ) -> None:
     """COCO metrics (AP, AP50, AP75, APs/m/l, AR) of committed detections; writes metrics.json and pr_curve.png."""
-    from pipeline.evaluate import evaluate, format_metrics
+    from flows.pipelines import evaluate_flow
+    from pipeline.evaluate import format_metrics
 
     _apply_storage_options(storage_option, data_uri, out_uri)
-    metrics = _run(lambda: evaluate(data_uri, out_uri))
+    metrics = _run(lambda: evaluate_flow(data_uri, out_uri))
     typer.echo(format_metrics(metrics))
     typer.echo(f"\nwrote {storage.redact(storage.join(out_uri, 'metrics.json'))} and pr_curve.png")
 
@@ -233,14 +239,15 @@ def infer_command(
     storage_option: StorageOption = None,
 ) -> None:
     """Batch inference on Ray: every uncommitted shard → detections, exactly once per shard."""
-    from pipeline.inference import run_inference
+    from flows.pipelines import ShardsFailed, inference_flow
 
     if device not in ("auto", "cpu", "cuda"):
         raise typer.BadParameter("must be auto, cpu or cuda", param_hint="--device")
     _apply_storage_options(storage_option, data_uri, out_uri, model)
-    summary = _run(
-        lambda: _with_progress(
-            lambda progress: run_inference(
+
+    def run() -> dict[str, Any]:
+        try:
+            return inference_flow(
                 data_uri,
                 out_uri,
                 model,
@@ -249,22 +256,71 @@ def infer_command(
                 score_threshold=score_threshold,
                 device=device,
                 ray_address=ray_address,
-                progress=progress,
             )
-        )
-    )
-    typer.echo(
-        f"images      {summary.images} ({summary.errors} errors) in {summary.shards_done} shards, "
-        f"{summary.shards_skipped} already committed\n"
-        f"detections  {summary.detections}\n"
-        f"throughput  {summary.images_per_s:.1f} images/s over {summary.seconds:.1f} s\n"
-        f"outputs     {summary.out_uri}  (run {summary.run_id}, model {summary.model_id})\n"
-        f'try         detectflow query {out_uri} "SELECT label_name, count(*) AS n FROM detections GROUP BY 1 '
-        f'ORDER BY n DESC"'
-    )
-    if summary.failed:
-        for shard, error in sorted(summary.failed.items()):
+        except ShardsFailed as failed:
+            return failed.summary
+
+    summary = _run(lambda: _with_progress(run))
+    _print_inference_summary(summary, out_uri)
+    if summary["failed"]:
+        for shard, error in sorted(summary["failed"].items()):
             typer.secho(f"failed      {shard}: {error}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+
+
+def _print_inference_summary(summary: dict[str, Any], out_uri: str) -> None:
+    if "run_id" not in summary:  # nothing was pending
+        typer.echo(f"nothing to do: every shard is committed under {storage.redact(out_uri)}")
+        return
+    typer.echo(
+        f"images      {summary['images']} ({summary['errors']} errors) in {summary['shards_done']} shards, "
+        f"{summary['shards_skipped']} already committed\n"
+        f"detections  {summary['detections']}\n"
+        f"throughput  {summary['images_per_s']:.1f} images/s over {summary['seconds']:.1f} s\n"
+        f"outputs     {summary['out_uri']}  (run {summary['run_id']}, model {summary['model_id']})\n"
+        f'try         detectflow query {storage.redact(out_uri)} "SELECT label_name, count(*) AS n FROM detections '
+        f'GROUP BY 1 ORDER BY n DESC"'
+    )
+
+
+@app.command("detect-new")
+def detect_new_command(
+    images_uri: Annotated[str, typer.Argument(help="Folder/prefix where new images arrive.")],
+    dataset_uri: Annotated[str, typer.Argument(help="Dataset the new images are appended to.")],
+    out_uri: Annotated[str, typer.Argument(help="Outputs of the detections.")],
+    model: Annotated[str, typer.Option("--model", help="Detector checkpoint (URI or path).")],
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Ray actors.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 8,
+    shard_size: ShardSize = 256,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Ray cluster to use.")] = None,
+    storage_option: StorageOption = None,
+) -> None:
+    """Incremental run (what the nightly deployment does): ingest only images not in the dataset yet,
+    detect only in uncommitted shards. Over an unchanged prefix it does no work."""
+    from flows.pipelines import ShardsFailed, detect_new_images_flow
+
+    _apply_storage_options(storage_option, images_uri, dataset_uri, out_uri, model)
+
+    def run() -> dict[str, Any]:
+        try:
+            return detect_new_images_flow(
+                images_uri,
+                dataset_uri,
+                out_uri,
+                model,
+                shard_size=shard_size,
+                workers=workers,
+                batch_size=batch_size,
+                ray_address=ray_address,
+            )
+        except ShardsFailed as failed:
+            return {"new_images": None, "inference": failed.summary}
+
+    result = _run(lambda: _with_progress(run))
+    if result["new_images"] is not None:
+        typer.echo(f"new images  {result['new_images']}")
+    _print_inference_summary(result["inference"], out_uri)
+    if result["inference"].get("failed"):
         raise typer.Exit(1)
 
 
@@ -290,50 +346,43 @@ def train_command(
     storage_option: StorageOption = None,
 ) -> None:
     """Train a Faster R-CNN with DDP on Ray Train; checkpoints and metrics in object storage."""
-    from pipeline.training import train
+    from flows.pipelines import train_and_evaluate_flow, train_flow
 
     if epochs is not None and steps is not None:
         raise typer.BadParameter("give --epochs or --steps, not both", param_hint="--steps")
     _apply_storage_options(storage_option, data_uri, model_out_uri, *([val] if val else []))
-    summary = _run(
-        lambda: train(
-            data_uri,
-            model_out_uri,
-            preset=preset,
-            num_classes=num_classes,
-            workers=workers,
-            epochs=epochs,
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            resume=resume,
-            ray_address=ray_address,
-            checkpoint_every=checkpoint_every,
-        )
-    )
-    typer.echo(
-        f"steps       {summary.steps} ({summary.epochs_seen:.2f} epochs) in {summary.seconds:.0f} s, "
-        f"{summary.images_per_s_per_worker:.1f} images/s per worker\n"
-        f"loss        {summary.first_loss:.3f} → {summary.last_loss:.3f}\n"
-        f"model       {summary.model_uri}\n"
-        f"metrics     {summary.metrics_uri} (and loss_curves.png)\n"
-        f"next        detectflow infer DATA_URI OUT_URI --model {summary.model_uri}"
-    )
+    settings = {
+        "preset": preset,
+        "workers": workers,
+        "epochs": epochs,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "ray_address": ray_address,
+        "checkpoint_every": checkpoint_every,
+    }
     if val:
-        _validate_after_training(val, summary.model_uri, model_out_uri, ray_address)
+        if resume or num_classes is not None:
+            raise typer.BadParameter("--val trains from scratch with the dataset's classes", param_hint="--val")
+        result = _run(lambda: train_and_evaluate_flow(data_uri, val, model_out_uri, **settings))
+        summary, metrics = result["training"], result["metrics"]
+    else:
+        summary = _run(lambda: train_flow(data_uri, model_out_uri, num_classes=num_classes, resume=resume, **settings))
+        metrics = None
+    typer.echo(
+        f"steps       {summary['steps']} ({summary['epochs_seen']:.2f} epochs) in {summary['seconds']:.0f} s, "
+        f"{summary['images_per_s_per_worker']:.1f} images/s per worker\n"
+        f"loss        {summary['first_loss']:.3f} → {summary['last_loss']:.3f}\n"
+        f"model       {storage.redact(summary['model_uri'])}\n"
+        f"metrics     {storage.redact(summary['metrics_uri'])} (and loss_curves.png)\n"
+        f"next        detectflow infer DATA_URI OUT_URI --model {storage.redact(summary['model_uri'])}"
+    )
+    if metrics:
+        typer.echo(f"validation  AP {metrics['AP']:.3f}  AP50 {metrics['AP50']:.3f}  AP75 {metrics['AP75']:.3f}")
 
 
-def _validate_after_training(val: str, model_uri: str, model_out_uri: str, ray_address: str | None) -> None:
-    from pipeline.evaluate import evaluate, format_metrics
-    from pipeline.inference import run_inference
-
-    out = storage.join(model_out_uri, "validation")
-    _run(lambda: run_inference(val, out, model_uri, ray_address=ray_address))
-    typer.echo(format_metrics(_run(lambda: evaluate(val, out))))
-
-
-def _with_progress(run: Callable[[Callable[[Any], None]], T]) -> T:
-    """A rich progress bar on a terminal, a log line every 10 s otherwise."""
+def _with_progress(run: Callable[[], T]) -> T:
+    """A rich progress bar on a terminal; otherwise the flow's own log lines."""
     if sys.stderr.isatty():
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -354,19 +403,18 @@ def _with_progress(run: Callable[[Callable[[Any], None]], T]) -> T:
                     stats=f"{summary.images_per_s:.1f} img/s, {summary.errors} errors",
                 )
 
-            return run(update)
-    last = [0.0]
+            return _hooked(update, run)
+    return run()  # the flow logs a progress line every 10 s
 
-    def log_line(summary: Any) -> None:
-        if time.monotonic() - last[0] >= 10:
-            last[0] = time.monotonic()
-            typer.echo(
-                f"[{summary.seconds:6.0f}s] shards {summary.shards_done + summary.shards_skipped}/"
-                f"{summary.shards_total}  {summary.images_per_s:.1f} images/s  {summary.errors} errors",
-                err=True,
-            )
 
-    return run(log_line)
+def _hooked(hook: Callable[[Any], None], run: Callable[[], T]) -> T:
+    from flows import pipelines
+
+    pipelines.progress_hook = hook
+    try:
+        return run()
+    finally:
+        pipelines.progress_hook = None
 
 
 def main() -> None:

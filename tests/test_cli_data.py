@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -18,6 +19,10 @@ from pipeline.outputs import OutputStore
 from pipeline.seaweed import READER_ACCESS_KEY, READER_SECRET_KEY
 from tests.corpus import write_bad_input_corpus
 from tests.test_outputs import output_tables
+
+# the CLI runs through Prefect flows: they report to the session's Prefect server
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
 
 runner = CliRunner()
 

@@ -26,6 +26,10 @@ from tests.corpus import write_bad_input_corpus
 NUM_SHARDS, PER_SHARD = 8, 6
 
 
+# the CLI runs through Prefect flows: they report to the session's Prefect server
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
 @pytest.fixture(scope="module")
 def setup(s3_server, ray_local):
     """A synthetic dataset and a tiny model (random weights, every box kept) in the S3 server."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,23 +25,29 @@ BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
 
 
+# the CLI runs through Prefect flows: they report to the session's Prefect server
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
 @pytest.fixture(scope="module")
 def head(s3_server):
-    """A Ray head (`ray start --head --block`) with token auth, its own HOME and temp dir; stopped by
+    """A Ray head (`ray start --head --block`) with token auth, its own HOME and temp dir, and no
+    storage settings in its environment (its workers get them from the driver only); stopped by
     killing its process group so that the session's other Ray cluster is left alone."""
     home = Path(tempfile.mkdtemp(prefix="rayhome-"))
     temp_dir = tempfile.mkdtemp(prefix="rayj-", dir="/tmp")
     env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
+    head_env = {name: value for name, value in env.items() if not name.startswith("AWS_")}
     subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
-    dashboard = free_port()
+    dashboard, gcs_port = free_port(), free_port()
     process = subprocess.Popen(
         [
             RAY,
             "start",
             "--head",
             "--block",
-            f"--port={free_port()}",
+            f"--port={gcs_port}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard}",
             # Every port of its own: the session's other Ray cluster holds the default agent ports.
@@ -52,7 +59,7 @@ def head(s3_server):
             f"--temp-dir={temp_dir}",
             "--include-dashboard=true",
         ],
-        env=env,
+        env=head_env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -68,16 +75,19 @@ def head(s3_server):
         os.killpg(process.pid, signal.SIGKILL)
         raise RuntimeError("the Ray head did not come up")
     try:
-        yield {"url": url, "env": env, "home": home}
+        yield {"url": url, "gcs_address": f"127.0.0.1:{gcs_port}", "env": env, "head_env": head_env}
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_infer_as_a_ray_job_with_token_auth(head, s3_server, tmp_path) -> None:
+def _dataset_and_model(s3_server, tmp_path: Path) -> tuple[str, str, str]:
     bucket = s3_server.new_bucket("rayjob")
     dataset = ingest_synthetic(bucket + "/data", num_images=12, image_size=64, shard_size=4)
     torch.manual_seed(0)
@@ -86,15 +96,36 @@ def test_infer_as_a_ray_job_with_token_auth(head, s3_server, tmp_path) -> None:
     )
     save_checkpoint(model, tmp_path / "model.pt")
     storage.write_bytes(bucket + "/model.pt", (tmp_path / "model.pt").read_bytes())
+    return dataset.uri, bucket + "/out", bucket + "/model.pt"
+
+
+def _assert_finished(out_uri: str) -> None:
+    store = OutputStore(out_uri)
+    assert store.committed_names() == {"shard-00000", "shard-00001", "shard-00002"}
+    assert store.read_table("images").num_rows == 12
+    assert store.read_manifest()["state"] == "finished"
+
+
+def test_infer_as_a_ray_job_with_token_auth(head, s3_server, tmp_path) -> None:
+    """The job's driver runs on the head, whose environment has no S3 settings: the
+    ``--storage-option`` values must reach the actors too."""
+    data_uri, out_uri, model_uri = _dataset_and_model(s3_server, tmp_path)
+    options = s3_server.storage_options()
     entrypoint = [
         str(BIN / "detectflow"),
         "infer",
-        dataset.uri,
-        bucket + "/out",
+        data_uri,
+        out_uri,
         "--model",
-        bucket + "/model.pt",
+        model_uri,
         "--workers",
         "1",
+        "--storage-option",
+        f"key={options['key']}",
+        "--storage-option",
+        f"secret={options['secret']}",
+        "--storage-option",
+        f"client_kwargs.endpoint_url={options['client_kwargs']['endpoint_url']}",
     ]
 
     # Without the token the submission is refused.
@@ -124,7 +155,32 @@ def test_infer_as_a_ray_job_with_token_auth(head, s3_server, tmp_path) -> None:
         time.sleep(3)
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     assert "succeeded" in submitted.stdout.lower()
-    store = OutputStore(bucket + "/out")
-    assert store.committed_names() == {"shard-00000", "shard-00001", "shard-00002"}
-    assert store.read_table("images").num_rows == 12
-    assert store.read_manifest()["state"] == "finished"
+    _assert_finished(out_uri)
+
+
+def test_driver_environment_reaches_the_actors_of_a_remote_cluster(head, s3_server, tmp_path) -> None:
+    """A driver outside the cluster with its S3 settings in ``AWS_*`` variables only: the head's
+    workers have none, so the actors can reach the store only with the driver's."""
+    data_uri, out_uri, model_uri = _dataset_and_model(s3_server, tmp_path)
+    assert any(name.startswith("AWS_") for name in head["env"])
+    assert not any(name.startswith("AWS_") for name in head["head_env"])
+    result = subprocess.run(
+        [
+            str(BIN / "detectflow"),
+            "infer",
+            data_uri,
+            out_uri,
+            "--model",
+            model_uri,
+            "--workers",
+            "1",
+            "--ray-address",
+            head["gcs_address"],
+        ],
+        env=head["env"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _assert_finished(out_uri)

@@ -1,0 +1,254 @@
+"""The Prefect flows against a real Prefect server, a real local Ray cluster and the real S3 server:
+states and artifacts through the client, retries of transient storage failures, incremental runs,
+and a deployment of deploy/prefect.yaml executed by a Prefect worker."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from detector import build_detector, save_checkpoint
+from detector.synthetic import CATEGORIES, make_image
+from pipeline import storage
+from pipeline.outputs import OutputStore
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+REPO = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+def _client():
+    from prefect.client.orchestration import get_client
+
+    return get_client(sync_client=True)
+
+
+def _artifacts(flow_run_id) -> dict[str, object]:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with _client() as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {a.key: a for a in found if a.key}
+
+
+def _task_runs(flow_run_id) -> list:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with _client() as client:
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+@pytest.fixture(scope="module")
+def model_uri(s3_server, tmp_path_factory) -> str:
+    """A tiny detector (random weights, every box kept) in the S3 server."""
+    bucket = s3_server.new_bucket("flowmodel")
+    torch.manual_seed(0)
+    model = build_detector(
+        "tiny", len(CATEGORIES) + 1, class_names=["__background__", *CATEGORIES], box_score_thresh=0.0
+    )
+    local = tmp_path_factory.mktemp("model") / "model.pt"
+    save_checkpoint(model, local)
+    storage.write_bytes(bucket + "/model.pt", local.read_bytes())
+    return bucket + "/model.pt"
+
+
+def test_ingest_infer_evaluate_flows_record_states_and_artifacts(s3_server, ray_local, model_uri) -> None:
+    from flows.pipelines import evaluate_flow, inference_flow, ingest_flow
+
+    bucket = s3_server.new_bucket("flows")
+    ingest_state = ingest_flow(
+        bucket + "/data", source="synthetic", num_images=12, image_size=64, shard_size=4, return_state=True
+    )
+    assert ingest_state.is_completed()
+    assert ingest_state.result()["images"] == 12
+
+    state = inference_flow(
+        bucket + "/data", bucket + "/out", model_uri, workers=1, ray_address=ray_local, return_state=True
+    )
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary["images"] == 12 and summary["shards_done"] == 3 and not summary["failed"]
+    assert OutputStore(bucket + "/out").committed_names() == {"shard-00000", "shard-00001", "shard-00002"}
+
+    flow_run_id = state.state_details.flow_run_id
+    with _client() as client:
+        flow_run = client.read_flow_run(flow_run_id)
+    assert flow_run.state.is_completed()
+    assert flow_run.name.startswith("infer ") and "data" in flow_run.name  # says what runs
+    artifacts = _artifacts(flow_run_id)
+    assert {"inference-summary", "outputs"} <= artifacts.keys()
+    assert summary["run_id"] in artifacts["inference-summary"].data
+    assert "| images | 12 (0 errors) |" in artifacts["inference-summary"].data
+    assert "/out/_manifest.json" in artifacts["outputs"].data
+    assert {t.name.split("-")[0] for t in _task_runs(flow_run_id)} >= {"pending", "infer"}
+
+    metrics_state = evaluate_flow(bucket + "/data", bucket + "/out", return_state=True)
+    assert metrics_state.is_completed()
+    artifacts = _artifacts(metrics_state.state_details.flow_run_id)
+    assert {"coco-metrics", "per-class-ap", "metrics"} <= artifacts.keys()
+    assert storage.exists(bucket + "/out/metrics.json")
+
+
+def test_bad_parameters_fail_before_any_task(s3_server) -> None:
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.pipelines import ingest_flow
+
+    with pytest.raises(ParameterTypeError):
+        ingest_flow("s3://nowhere/x", source="ftp")  # not one of the Literal's values
+    state = ingest_flow("s3://nowhere/x", source="coco", images_uri="s3://nowhere/img", return_state=True)
+    assert state.is_failed() and "annotations_uri" in state.message
+    assert _task_runs(state.state_details.flow_run_id) == []
+
+
+def test_transient_storage_failure_is_retried_by_the_task(s3_server, monkeypatch) -> None:
+    """The S3 server is down when the ingest task starts: the storage layer gives up after one
+    attempt (shortened for the test), the task fails as transient and Prefect retries it after the
+    server is back; the flow completes with the dataset in the bucket."""
+    from flows.pipelines import ingest_flow
+
+    monkeypatch.setattr(storage, "RETRY_ATTEMPTS", 1)
+    bucket = s3_server.new_bucket("retry")
+    s3_server.stop()
+    restarter = threading.Timer(12.0, s3_server.start)  # longer than botocore/s3fs retry on their own
+    restarter.start()
+    try:
+        state = ingest_flow(
+            bucket + "/data", source="synthetic", num_images=6, image_size=64, shard_size=3, return_state=True
+        )
+    finally:
+        restarter.join()
+    assert state.is_completed(), state.message
+    [task_run] = [t for t in _task_runs(state.state_details.flow_run_id) if t.name.startswith("ingest")]
+    assert task_run.run_count >= 2  # failed at least once, then succeeded
+    assert task_run.state.is_completed()
+    assert storage.exists(bucket + "/data/dataset.json")
+
+
+def test_permanent_failure_is_not_retried(s3_server, monkeypatch) -> None:
+    from flows.pipelines import ingest_flow
+
+    state = ingest_flow(
+        "s3://detectflow-no-such-bucket-x/data",
+        source="images",
+        images_uri="s3://detectflow-no-such-bucket-x/in",
+        return_state=True,
+    )
+    assert state.is_failed()
+    [task_run] = [t for t in _task_runs(state.state_details.flow_run_id) if t.name.startswith("ingest")]
+    assert task_run.run_count == 1
+
+
+def _put_images(prefix: str, start: int, count: int) -> None:
+    for i in range(start, start + count):
+        buffer = io.BytesIO()
+        Image.fromarray(make_image(7, i, 64).image.permute(1, 2, 0).numpy()).save(buffer, "JPEG", quality=90)
+        storage.write_bytes(f"{prefix}/img-{i:04d}.jpg", buffer.getvalue())
+
+
+def test_detect_new_images_is_incremental(s3_server, ray_local, model_uri) -> None:
+    from flows.pipelines import detect_new_images_flow
+
+    bucket = s3_server.new_bucket("nightly")
+    incoming, dataset, out = bucket + "/incoming", bucket + "/dataset", bucket + "/out"
+    _put_images(incoming, 0, 12)
+    run = {
+        "images_uri": incoming,
+        "dataset_uri": dataset,
+        "out_uri": out,
+        "model_uri": model_uri,
+        "shard_size": 8,
+        "workers": 1,
+        "ray_address": ray_local,
+    }
+
+    first = detect_new_images_flow(**run)
+    assert first["new_images"] == 12 and first["images_processed"] == 12
+    fs, path = storage.filesystem(out)
+    before = {p: info["ETag"] for p, info in fs.find(path, detail=True).items() if "_manifest" not in p}
+    dataset_before = storage.read_bytes(dataset + "/dataset.json")
+
+    second = detect_new_images_flow(**run)
+    assert second["new_images"] == 0 and second["images_processed"] == 0
+    fs.invalidate_cache()
+    after = {p: info["ETag"] for p, info in fs.find(path, detail=True).items() if "_manifest" not in p}
+    assert after == before  # nothing written, nothing rewritten
+    assert storage.read_bytes(dataset + "/dataset.json") == dataset_before
+
+    _put_images(incoming, 100, 10)
+    third = detect_new_images_flow(**run)
+    assert third["new_images"] == 10 and third["images_processed"] == 10
+    images = OutputStore(out).read_table("images")
+    assert images.num_rows == 22 and len(set(images.column("image_id").to_pylist())) == 22
+
+
+def test_deployment_from_prefect_yaml_runs_on_a_worker(s3_server) -> None:
+    """`prefect deploy` of deploy/prefect.yaml onto the session's server; a run of the `ingest`
+    deployment triggered through the API is picked up by `prefect worker start --run-once` (a
+    process worker, as in production) and writes its dataset to the bucket."""
+    from prefect.deployments import run_deployment
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    subprocess.run(
+        [PREFECT, "--no-prompt", "work-pool", "create", "detectflow", "--type", "process", "--overwrite"],
+        env=env,
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    deployed = subprocess.run(
+        [
+            PREFECT,
+            "--no-prompt",
+            "deploy",
+            "--prefect-file",
+            "deploy/prefect.yaml",
+            "--name",
+            "ingest",
+            "--name",
+            "nightly",
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+
+    with _client() as client:
+        nightly = client.read_deployment_by_name("detect-new-images/nightly")
+    assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
+    assert nightly.work_pool_name == "detectflow"
+
+    bucket = s3_server.new_bucket("deployed")
+    flow_run = run_deployment(
+        "ingest/ingest",
+        parameters={"out_uri": bucket + "/data", "source": "synthetic", "num_images": 5, "image_size": 64},
+        timeout=0,  # do not wait: the worker below runs it
+    )
+    worker = subprocess.run(
+        [PREFECT, "worker", "start", "--pool", "detectflow", "--type", "process", "--run-once"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    with _client() as client:
+        finished = client.read_flow_run(flow_run.id)
+    assert finished.state.is_completed(), (finished.state, worker.stdout[-3000:], worker.stderr[-3000:])
+    from pipeline.dataset import open_dataset
+
+    assert open_dataset(bucket + "/data").num_images == 5
