@@ -42,6 +42,12 @@ os.environ.update(
     }
 )
 
+# Importing prefect.main configures its console log handler with the sys.stderr of that moment. Do it
+# now, on the session's stream: the CLI imports prefect lazily, and a first import inside a
+# CliRunner invocation would bind the handler to that invocation's stream, closed when it returns,
+# and every later flow-run log line would fail.
+import prefect.main  # noqa: E402,F401  (the import that runs prefect.logging setup_logging)
+
 
 @pytest.fixture(scope="session")
 def prefect_server():
