@@ -144,38 +144,46 @@ def test_pixel_cap_is_inclusive_and_configurable(corpus) -> None:
 
 def test_pixel_cap_is_enforced_without_allocating_the_image(tmp_path) -> None:
     """In a fresh interpreter: decoding and probing the 50 kB bomb (400 MP) leaves the peak
-    resident memory where it was; decoding it for real (the control) raises it by tens of MB or more,
-    which shows the measurement would see a decoder that ignored the cap."""
+    resident memory where it was; decoding it for real (the control) raises it by hundreds of MB,
+    which shows the measurement would see a decoder that ignored the cap.
+
+    The peak is the process's own ``VmHWM``, reset before each step (``/proc/self/clear_refs``):
+    ``ru_maxrss`` would not do, since Linux carries it across exec from the forking parent (the
+    multi-GB test process), and the torch import alone peaks higher than the control decode."""
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(decompression_bomb_png())
     script = f"""
-import io, json, resource, time
+import io, json
 from PIL import Image
 from pipeline.decode import decode_image, probe
-def peak_mb(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak_mb():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
 data = open({str(bomb)!r}, "rb").read()
 warm_up = io.BytesIO()
 Image.new("RGB", (64, 48)).save(warm_up, "PNG")
 decode_image(warm_up.getvalue(), "warm-up")  # loads the decoders before the baseline
+reset_peak()
 before = peak_mb()
-started = time.perf_counter()
 result = decode_image(data, "bomb.png")
 size = probe(data, "bomb.png")
-seconds = time.perf_counter() - started
-after = peak_mb()
+growth = peak_mb() - before
+reset_peak()
+before = peak_mb()
 with Image.open(io.BytesIO(data)) as img:
     img.load()
-control = peak_mb()
-print(json.dumps({{"message": getattr(result, "message", None), "size": size, "seconds": seconds,
-                  "growth_mb": after - before, "control_growth_mb": control - after}}))
+print(json.dumps({{"message": getattr(result, "message", None), "size": size,
+                  "growth_mb": growth, "control_growth_mb": peak_mb() - before}}))
 """
     run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert "pixel cap" in report["message"] and report["size"] == [20000, 20000]
     assert report["growth_mb"] < 20, report
-    assert report["seconds"] < 0.5, report
-    assert report["control_growth_mb"] > 40, report  # the measurement sees a real decode
+    assert report["control_growth_mb"] > 200, report  # the measurement sees a real decode (400 MB)
 
 
 FUZZED = ("good.jpg", "cmyk.jpg", "palette.png", "rgb16.png", "image.webp", "animated.gif", "image.bmp", "image.tiff")
