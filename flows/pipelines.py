@@ -269,10 +269,11 @@ def train_task(
 ) -> dict[str, Any]:
     from dataclasses import asdict
 
-    from pipeline.training import latest_checkpoint, train
+    from pipeline.training import format_progress, latest_checkpoint, train
 
     if current_task_run.run_count > 1 and latest_checkpoint(model_out_uri) is not None:
         resume = True  # a retried attempt continues from the checkpoint its predecessor wrote
+    logger = get_run_logger()  # captured here: progress arrives on a polling thread
     summary = train(
         data_uri,
         model_out_uri,
@@ -286,6 +287,7 @@ def train_task(
         resume=resume,
         ray_address=ray_address,
         checkpoint_every=checkpoint_every,
+        progress=lambda record: logger.info(format_progress(record)),
         **options,
     )
     return asdict(summary)
@@ -301,7 +303,7 @@ def evaluate_task(data_uri: str, out_uri: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------- flows
 
 
-@flow(name="ingest", flow_run_name=_run_name("ingest-{source} → {out_uri}"), log_prints=True)
+@flow(name="ingest", flow_run_name=_run_name("ingest-{source} → {out_uri}"))
 def ingest_flow(
     out_uri: str,
     source: Literal["coco", "images", "synthetic"] = "images",
@@ -360,7 +362,7 @@ def ingest_flow(
     return result
 
 
-@flow(name="inference", flow_run_name=_run_name("infer {data_uri} → {out_uri}"), log_prints=True)
+@flow(name="inference", flow_run_name=_run_name("infer {data_uri} → {out_uri}"))
 def inference_flow(
     data_uri: str,
     out_uri: str,
@@ -425,7 +427,7 @@ def inference_flow(
     return summary
 
 
-@flow(name="train", flow_run_name=_run_name("train {preset} on {data_uri}"), log_prints=True)
+@flow(name="train", flow_run_name=_run_name("train {preset} on {data_uri}"))
 def train_flow(
     data_uri: str,
     model_out_uri: str,
@@ -493,7 +495,7 @@ def train_flow(
     return summary
 
 
-@flow(name="evaluate", flow_run_name=_run_name("evaluate {out_uri} against {data_uri}"), log_prints=True)
+@flow(name="evaluate", flow_run_name=_run_name("evaluate {out_uri} against {data_uri}"))
 def evaluate_flow(data_uri: str, out_uri: str, storage_options: StorageOptions = None) -> dict[str, Any]:
     """COCO metrics (AP, AP50, AP75, APs/m/l, AR) of the committed detections under ``out_uri``
     against the ground truth of ``data_uri``; writes metrics.json and pr_curve.png there."""

@@ -31,6 +31,7 @@ import math
 import os
 import random
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -80,6 +81,7 @@ class TrainConfig:
     target_ap50: float | None = None  # stop once validation mAP@0.5 reaches it
     record_debug: bool = False  # per-step weight checksums, per-epoch image ids, worker starts (tests)
     report_every: int = 10
+    log_every: int = 50  # rank 0 sends the driver a progress record every this many steps
     use_gpu: bool = False
 
 
@@ -220,6 +222,8 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    config_dict = dict(config_dict)
+    sink = config_dict.pop("progress_sink", None)  # the driver's _ProgressSink actor, if any
     config = TrainConfig(**config_dict)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -296,13 +300,18 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
                 debug["images"].setdefault(str(epoch), []).extend(ids)
             if rank == 0:
                 metrics.append(record)
+            validated = False
             if config.val_uri and config.val_every and (step % config.val_every == 0 or step == total):
                 if rank == 0:
                     record.update(validate_in_process(core, config))
-                    log.warning("step %d: validation AP %.3f AP50 %.3f", step, record["val_AP"], record["val_AP50"])
+                    validated = True
                 reached = config.target_ap50 is not None and record.get("val_AP50", 0.0) >= config.target_ap50
                 if _agree(reached, device):  # every rank stops at the same step
                     total = step
+            if rank == 0 and sink is not None and (validated or step % config.log_every == 0 or step == total):
+                sent = sink.put.remote({"total": total, **record})  # fire and forget: the driver polls
+                if step == total:
+                    ray.get(sent)  # the last record is delivered before the worker exits
             if step % config.checkpoint_every == 0 or step == total:
                 if rank == 0:
                     _save_training_checkpoint(config, core, optimizer, scheduler, step, epoch)
@@ -473,9 +482,10 @@ def train(
         **options,
     )
     started = time.perf_counter()
+    sink = _progress_sink_class().remote()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=asdict(config),
+        train_loop_config={**asdict(config), "progress_sink": sink},
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=use_gpu, resources_per_worker=None if use_gpu else {"CPU": 1}
         ),
@@ -485,7 +495,16 @@ def train(
             failure_config=FailureConfig(max_failures=max_failures),
         ),
     )
-    result = trainer.fit()
+    report = progress or _log_progress
+    stop = threading.Event()
+    poller = threading.Thread(target=_poll_progress, args=(sink, report, stop), name="train-progress", daemon=True)
+    poller.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        poller.join(timeout=30)
+        ray.kill(sink)
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}")
     seconds = time.perf_counter() - started
@@ -508,6 +527,60 @@ def train(
         restarts=restarts,
         metrics_uri=_metrics_uri(config),
     )
+
+
+def _progress_sink_class() -> Any:
+    """A tiny actor rank 0 sends progress records to and the driver drains: the driver's logs show
+    the training progress wherever the workers run, without Ray's worker log forwarding."""
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=0)
+    class _ProgressSink:
+        def __init__(self) -> None:
+            self.records: list[dict[str, Any]] = []
+
+        def put(self, record: dict[str, Any]) -> None:
+            self.records.append(record)
+
+        def take(self) -> list[dict[str, Any]]:
+            records, self.records = self.records, []
+            return records
+
+    return _ProgressSink
+
+
+def _poll_progress(sink: Any, report: Callable[[dict[str, Any]], None], stop: threading.Event) -> None:
+    import ray
+
+    while True:
+        finished = stop.wait(2.0)
+        try:
+            records = ray.get(sink.take.remote(), timeout=30)
+        except Exception as error:  # progress is best effort: training goes on without it
+            log.debug("training progress unavailable: %s", error)
+            records = []
+        for record in records:
+            try:
+                report(record)
+            except Exception:
+                log.exception("training progress callback failed")
+        if finished:
+            return
+
+
+def format_progress(record: dict[str, Any]) -> str:
+    """One line for a progress record: step, loss, lr, speed and, when present, validation AP."""
+    line = (
+        f"step {record['step']}/{record['total']}  epoch {record['epoch']}  loss {record['loss']:.3f}  "
+        f"lr {record['lr']:.4f}  {record['images_per_s']:.1f} images/s per worker"
+    )
+    if "val_AP50" in record:
+        line += f"  validation AP50 {record['val_AP50']:.3f} AP {record['val_AP']:.3f}"
+    return line
+
+
+def _log_progress(record: dict[str, Any]) -> None:
+    log.info(format_progress(record))
 
 
 def loss_curves_png(metrics: list[dict[str, Any]]) -> bytes:

@@ -18,7 +18,7 @@ from pipeline import storage
 from pipeline.inference import run_inference
 from pipeline.ingest import ingest_images, ingest_synthetic
 from pipeline.outputs import OutputStore
-from pipeline.training import checkpoint_uris, train
+from pipeline.training import checkpoint_uris, format_progress, train
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,7 @@ def _metrics_steps(model_uri: str) -> list[int]:
 
 def test_trains_with_ddp_checkpoints_in_the_bucket_and_serves(data) -> None:
     out = data["bucket"] + "/run"
+    progress: list[dict] = []
     summary = train(
         data["data"],
         out,
@@ -47,8 +48,13 @@ def test_trains_with_ddp_checkpoints_in_the_bucket_and_serves(data) -> None:
         checkpoint_every=8,
         ray_address=data["ray"],
         record_debug=True,
+        log_every=10,
+        progress=progress.append,
     )
     assert summary.steps == 24 and summary.last_loss < 0.8 * summary.first_loss
+    # the driver hears from rank 0 every log_every steps and at the last one
+    assert [r["step"] for r in progress] == [10, 20, 24] and {r["total"] for r in progress} == {24}
+    assert "step 24/24" in format_progress(progress[-1])
     assert [storage.basename(u) for u in checkpoint_uris(out)] == [
         "step-0000008.pt",
         "step-0000016.pt",
