@@ -3,8 +3,11 @@ server), every configuration measured in each repeat (interleaved) in one run:
 
 - pipeline efficiency: end-to-end images/s (S3 shards → committed Parquet, Ray actors) ÷ model-only
   images/s (the same model on decoded images already in memory, batched as the worker batches them,
-  same torch threads); over the whole run (actor start-up and model load included) and in steady
-  state (first shard committed → last);
+  on the same compute: one process with the same torch threads, or as many processes as actors,
+  running at once); over the whole run (actor start-up and model load included) and in steady state
+  (first shard committed → last). The photos are stored ``--copies`` times (1312 images by default),
+  so that a run lasts about a minute and its fixed cost (~4 s: actor process, imports, model load,
+  first-batch warm-up) weighs as in a batch job rather than dominating a 15 s one;
 - versus the Ray Data way (``read_parquet`` → ``map_batches`` with an actor-pool class holding the
   model → ``write_parquet``, as in Ray's batch-inference docs), same model, shards and actors;
 - scaling: 1 vs 2 CPU actors at 1 torch thread each;
@@ -20,11 +23,13 @@ from __future__ import annotations
 
 import argparse
 import io
+import queue
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -64,11 +69,9 @@ def realistic_model(preset: str, **overrides) -> torch.nn.Module:
     return model.eval()
 
 
-def model_only(
-    model: torch.nn.Module, dataset_uri: str, batch_size: int, device: str = "cpu", amp: torch.dtype | None = None
-) -> float:
-    """images/s of the model alone on decoded images already in memory, batched as the shard worker
-    batches them (per shard, similar aspect ratios together)."""
+def decoded_batches(dataset_uri: str, batch_size: int, device: str = "cpu") -> list[list[torch.Tensor]]:
+    """The dataset's images decoded into memory and batched as the shard worker batches them (per
+    shard, similar aspect ratios together)."""
     batches: list[list[torch.Tensor]] = []
     for shard in open_dataset(dataset_uri).shards:
         table = read_shard(shard.uri, ["image_id", "image"])
@@ -78,17 +81,78 @@ def model_only(
             key=lambda image: image.shape[1] / image.shape[2],
         )
         batches += [images[start : start + batch_size] for start in range(0, len(images), batch_size)]
+    return batches
+
+
+def model_only(
+    model: torch.nn.Module,
+    batches: list[list[torch.Tensor]],
+    device: str = "cpu",
+    amp: torch.dtype | None = None,
+    start_together: Any = None,
+) -> tuple[int, float]:
+    """(images, seconds) of the model alone over ``batches`` (decoded, in memory), as the worker
+    runs it (channels_last, inference mode, uint8 → float on the fly). ``start_together``: a
+    barrier waited on before the clock starts, for runs in several processes at once."""
     model = model.to(device).to(memory_format=torch.channels_last)
     with torch.inference_mode(), torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
         model([batches[0][0].float().div(255)])
         if device == "cuda":
             torch.cuda.synchronize()
+        if start_together is not None:
+            start_together.wait()
         started = time.perf_counter()
         for batch in batches:
             model([image.float().div(255) for image in batch])
         if device == "cuda":
             torch.cuda.synchronize()
-    return sum(len(batch) for batch in batches) / (time.perf_counter() - started)
+    return sum(len(batch) for batch in batches), time.perf_counter() - started
+
+
+def _model_only_part(model_path: str, dataset_uri: str, part: int, parts: int, batch_size: int, barrier, results):
+    """One of ``parts`` processes of :func:`model_only_processes`: every ``parts``-th batch, 1 thread."""
+    torch.set_num_threads(1)
+    from detector import load_checkpoint
+
+    model = load_checkpoint(model_path).eval()
+    batches = decoded_batches(dataset_uri, batch_size)[part::parts]
+    model_only(model, batches[: max(1, len(batches) // 4)])  # oneDNN builds its kernels per shape: warm
+    results.put(model_only(model, batches, start_together=barrier))
+
+
+def model_only_processes(model_path: str, dataset_uri: str, processes: int, batch_size: int) -> float:
+    """images/s of the model alone in ``processes`` single-threaded processes running at once, each
+    on its share of the batches: the compute that as many single-threaded actors have."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(processes), context.Queue()
+    workers = [
+        context.Process(
+            target=_model_only_part, args=(model_path, dataset_uri, part, processes, batch_size, barrier, results)
+        )
+        for part in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    parts = []
+    while len(parts) < processes:
+        try:
+            parts.append(results.get(timeout=5))
+        except queue.Empty:
+            failed = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+            if failed:
+                for worker in workers:
+                    worker.kill()
+                raise RuntimeError(f"a model-only process failed (exit codes {failed})") from None
+    for worker in workers:
+        worker.join()
+    return sum(images for images, _ in parts) / max(seconds for _, seconds in parts)
+
+
+def rate(images_and_seconds: tuple[int, float]) -> float:
+    images, seconds = images_and_seconds
+    return images / seconds
 
 
 def end_to_end(
@@ -223,12 +287,14 @@ def actor_rss_over_shards(dataset_uri: str, out_uri: str, model_uri: str) -> lis
     return samples
 
 
-def _upload_images(prefix_uri: str, count: int | None) -> int:
-    """The first ``count`` COCO photos (all when None) under ``prefix_uri``; returns how many."""
+def _upload_images(prefix_uri: str, count: int | None, copies: int = 1) -> int:
+    """The first ``count`` COCO photos (all when None), ``copies`` times, under
+    ``prefix_uri/copy-K/``; returns how many objects."""
     files = sorted(COCO_IMAGES.iterdir())[:count]
-    for file in files:
-        storage.write_bytes(f"{prefix_uri}/{file.name}", file.read_bytes())
-    return len(files)
+    for copy in range(copies):
+        for file in files:
+            storage.write_bytes(f"{prefix_uri}/copy-{copy}/{file.name}", file.read_bytes())
+    return len(files) * copies
 
 
 def cpu_bench(args: argparse.Namespace, work: Path) -> dict:
@@ -241,8 +307,8 @@ def cpu_bench(args: argparse.Namespace, work: Path) -> dict:
     with SeaweedS3(work / "seaweed") as server:
         server.apply_env()
         bucket = server.new_bucket("bench")
-        shard_size = 16
-        _upload_images(bucket + "/photos", 48 if args.quick else None)
+        shard_size = 32
+        _upload_images(bucket + "/photos", 48 if args.quick else None, 1 if args.quick else args.copies)
         dataset = ingest_images(bucket + "/photos", bucket + "/coco", shard_size=shard_size)
         dataset_uri = dataset.uri
         preset = "mobilenet_v3_large_320_fpn"
@@ -255,30 +321,24 @@ def cpu_bench(args: argparse.Namespace, work: Path) -> dict:
             "preset": preset,
             "weights": "random, calibrated batch-norm, ~20 detections per photo (no pretrained weights offline)",
             "images": dataset.num_images,
-            "source": "COCO val2017 photos",
+            "source": f"COCO val2017 photos, each stored {1 if args.quick else args.copies} times",
             "shards": len(dataset.shards),
             "shard_size": shard_size,
             "batch_size": args.batch_size,
-            "storage": "SeaweedFS S3 on loopback",
+            "storage": "SeaweedFS S3 on loopback (same 2 cores)",
             "cluster": "local Ray, 2 CPUs",
         }
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-        names = (
-            "model_only_2threads",
-            "e2e_1actor_2threads",
-            "e2e_2actors_1thread",
-            "ray_data_2actors_1thread",
-            "e2e_1actor_1thread",
-            "model_only_1thread",
-        )
-        # One untimed pass first: oneDNN builds its kernels per input shape on first use, and the
-        # model-only figure is the denominator of the efficiency, so it is measured warm.
-        model_only(model, dataset_uri, args.batch_size)
-        figures: dict[str, list[float]] = {name: [] for name in names}
-        steady: dict[str, list[float]] = {name: [] for name in names if name.startswith("e2e")}
-        for repeat in range(1 if args.quick else 2):
+        batches = decoded_batches(dataset_uri, args.batch_size)  # meanwhile Ray's start-up settles
+        # oneDNN builds its kernels per input shape on first use, and the model-only figures are the
+        # denominators of the efficiency: measured warm (the actors pay their warm-up in the run).
+        torch.set_num_threads(2)
+        model_only(model, batches[: max(1, len(batches) // 4)])
+        figures: dict[str, list[float]] = {}
+        steady: dict[str, list[float]] = {}
+        for repeat in range(1 if args.quick else args.repeats):
             torch.set_num_threads(2)
-            figures["model_only_2threads"].append(model_only(model, dataset_uri, args.batch_size))
+            figures.setdefault("model_only_1process_2threads", []).append(rate(model_only(model, batches)))
             for name, actors, threads in (
                 ("e2e_1actor_2threads", 1, 2),
                 ("e2e_2actors_1thread", 2, 1),
@@ -287,32 +347,47 @@ def cpu_bench(args: argparse.Namespace, work: Path) -> dict:
             ):
                 out_uri = f"{bucket}/out-{repeat}-{name}"
                 if name.startswith("ray_data"):
-                    figures[name].append(ray_data(dataset_uri, out_uri, model_uri, actors, threads, args.batch_size))
+                    figures.setdefault(name, []).append(
+                        ray_data(dataset_uri, out_uri, model_uri, actors, threads, args.batch_size)
+                    )
                 else:
                     wall, steady_rate = end_to_end(dataset_uri, out_uri, model_uri, actors, threads, args.batch_size)
-                    figures[name].append(wall)
-                    steady[name].append(steady_rate)
+                    figures.setdefault(name, []).append(wall)
+                    steady.setdefault(name, []).append(steady_rate)
             torch.set_num_threads(1)
-            figures["model_only_1thread"].append(model_only(model, dataset_uri, args.batch_size))
+            figures.setdefault("model_only_1process_1thread", []).append(rate(model_only(model, batches)))
+            figures.setdefault("model_only_2processes_1thread", []).append(
+                model_only_processes(str(local), dataset_uri, 2, args.batch_size)
+            )
             torch.set_num_threads(2)
             print({k: round(v[-1], 2) for k, v in figures.items()}, flush=True)
+        del batches
 
         med = {k: median(v) for k, v in figures.items()}
         med_steady = {k: median(v) for k, v in steady.items()}
         result["images_per_s"] = med
         result["images_per_s_steady_state"] = med_steady
         result["runs"] = figures
+        result["runs_steady_state"] = steady
+        # Each end-to-end configuration against the model alone on the same compute.
+        same_compute = {
+            "e2e_1actor_2threads": "model_only_1process_2threads",
+            "e2e_2actors_1thread": "model_only_2processes_1thread",
+            "e2e_1actor_1thread": "model_only_1process_1thread",
+        }
         result["pipeline_efficiency"] = {
-            "1actor_2threads_vs_model_2threads": med["e2e_1actor_2threads"] / med["model_only_2threads"],
-            "2actors_1thread_vs_model_2threads": med["e2e_2actors_1thread"] / med["model_only_2threads"],
-            "1actor_1thread_vs_model_1thread": med["e2e_1actor_1thread"] / med["model_only_1thread"],
-            "steady_state_1actor_2threads": med_steady["e2e_1actor_2threads"] / med["model_only_2threads"],
-            "steady_state_1actor_1thread": med_steady["e2e_1actor_1thread"] / med["model_only_1thread"],
+            name: {
+                "versus": baseline,
+                "whole_run": med[name] / med[baseline],
+                "steady_state": med_steady[name] / med[baseline],
+            }
+            for name, baseline in same_compute.items()
         }
         result["versus_ray_data_2actors_1thread"] = med["e2e_2actors_1thread"] / med["ray_data_2actors_1thread"]
         result["scaling_2actors_vs_1actor_at_1thread"] = {
-            "wall": med["e2e_2actors_1thread"] / med["e2e_1actor_1thread"],
+            "whole_run": med["e2e_2actors_1thread"] / med["e2e_1actor_1thread"],
             "steady_state": med_steady["e2e_2actors_1thread"] / med_steady["e2e_1actor_1thread"],
+            "model_only_2processes_vs_1": med["model_only_2processes_1thread"] / med["model_only_1process_1thread"],
         }
 
         # Memory over ≥ 20 shards through one actor: tiny images and the tiny model keep it quick.
@@ -394,6 +469,7 @@ def gpu_bench(args: argparse.Namespace, work: Path) -> dict:
     precisions = {"fp32": ("off", None), "bf16": ("bf16", torch.bfloat16)}
     end_to_end_runs: dict[str, list[float]] = {name: [] for name in precisions}
     model_only_runs: dict[str, list[float]] = {name: [] for name in precisions}
+    batches = decoded_batches(dataset.uri, args.batch_size, "cuda")
     for repeat in range(1 if args.quick else 3):
         for name, (amp, dtype) in precisions.items():
             worker = ShardWorker(
@@ -409,7 +485,7 @@ def gpu_bench(args: argparse.Namespace, work: Path) -> dict:
             torch.cuda.synchronize()
             end_to_end_runs[name].append(images / (time.perf_counter() - started))
             worker.close()
-            model_only_runs[name].append(model_only(model, dataset.uri, args.batch_size, "cuda", dtype))
+            model_only_runs[name].append(rate(model_only(model, batches, "cuda", dtype)))
             print(name, round(end_to_end_runs[name][-1], 1), round(model_only_runs[name][-1], 1), flush=True)
     for name in precisions:
         e2e, alone = median(end_to_end_runs[name]), median(model_only_runs[name])
@@ -430,6 +506,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--gpu", action="store_true", help="in-process shard worker on CUDA, fp32 vs bf16")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--copies", type=int, default=4, help="times each COCO photo is stored (CPU bench)")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of every configuration")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="detectflow-bench-infer-"))
     try:
