@@ -188,20 +188,29 @@ def _print_table(table: Any, limit: int) -> None:
 @app.command("show")
 def show_command(
     out_uri: Annotated[str, typer.Argument(help="Outputs of an inference run.")],
-    image_id: Annotated[str, typer.Option("--image-id", help="The image to draw.")],
+    image_ids: Annotated[
+        list[str], typer.Option("--image-id", help="An image to draw (repeat it for a sheet of several).")
+    ],
     out: Annotated[str, typer.Option("--out", help="PNG file (path or URI) to write.")],
     dataset: Annotated[
-        str | None, typer.Option("--dataset", help="Dataset holding the image (default: the run's).")
+        str | None, typer.Option("--dataset", help="Dataset holding the images (default: the run's).")
     ] = None,
     score_threshold: Annotated[float, typer.Option("--score-threshold", help="Draw boxes at least this sure.")] = 0.0,
+    columns: Annotated[int, typer.Option("--columns", min=1, help="Images per row of a sheet.")] = 4,
     storage_option: StorageOption = None,
 ) -> None:
-    """Draw an image with its detections (boxes, labels, scores) into a PNG."""
-    from pipeline.show import render
+    """Draw images with their detections (boxes, labels, scores) into a PNG; small images are enlarged."""
+    from pipeline.show import render_sheet
 
     _apply_storage_options(storage_option, out_uri, out, *([dataset] if dataset else []))
-    drawn = _run(lambda: render(out_uri, image_id, out, dataset_uri=dataset, score_threshold=score_threshold))
-    typer.echo(f"drew {drawn['num_drawn']} detections of {image_id} (shard {drawn['shard']}) → {out}")
+    drawn = _run(
+        lambda: render_sheet(
+            out_uri, image_ids, out, dataset_uri=dataset, score_threshold=score_threshold, columns=columns
+        )
+    )
+    for image in drawn["images"]:
+        typer.echo(f"drew {image['num_drawn']} detections of {image['image_id']} (shard {image['shard']})")
+    typer.echo(f"wrote {storage.redact(out)}")
 
 
 @app.command("evaluate")

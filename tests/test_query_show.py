@@ -17,7 +17,7 @@ from pipeline.evaluate import evaluate, format_metrics
 from pipeline.ingest import ingest_synthetic
 from pipeline.outputs import DETECTIONS_SCHEMA, IMAGES_SCHEMA, OutputStore
 from pipeline.query import query
-from pipeline.show import PALETTE, render
+from pipeline.show import PALETTE, SHEET_GAP, render, render_sheet
 from tests.test_outputs import output_tables
 
 
@@ -129,6 +129,7 @@ def test_render_draws_the_committed_boxes(tmp_path) -> None:
             "shard": "shard-00000",
             "num_drawn": row["num_detections"],
             "path": "memory://detectflow-test-show/view.png",
+            "zoom": 6,  # 96 px → 576, the smallest whole factor reaching 512
         }
         with Image.open(io.BytesIO(storage.read_bytes("memory://detectflow-test-show/view.png"))) as png:
             picture = np.asarray(png.convert("RGB"))
@@ -137,21 +138,47 @@ def test_render_draws_the_committed_boxes(tmp_path) -> None:
     original = read_shard(dataset.shards[0].uri, ["image_id", "image"]).to_pylist()
     source = next(r["image"] for r in original if r["image_id"] == image_id)
     plain = decode_image(source, image_id).image.permute(1, 2, 0).numpy()
-    assert picture.shape == plain.shape == (96, 96, 3)
-    assert (picture != plain).any(axis=2).mean() > 0.02, "boxes and labels were drawn"
+    plain = plain.repeat(6, axis=0).repeat(6, axis=1)  # enlarged with sharp pixels
+    assert picture.shape == plain.shape == (576, 576, 3)
+    # 2-px outlines and 14-px labels on a 576-px picture (a blank render differs nowhere, below)
+    assert (picture != plain).any(axis=2).mean() > 0.01, "boxes and labels were drawn"
     boxes, labels, _ = gt_targets(
         read_shard(dataset.shards[0].uri, ["image_id", "gt_boxes", "gt_labels", "gt_iscrowd"])
     )[[r["image_id"] for r in original].index(image_id)]
     colours = {tuple(ImageColor.getrgb(PALETTE[int(label) % len(PALETTE)])) for label in labels}
-    # The right edge of each box is drawn in its class colour (labels sit above/left of the box).
-    x2, y1, y2 = int(boxes[0][2]) - 1, int(boxes[0][1]), int(boxes[0][3])
-    edge = {tuple(int(v) for v in picture[y, min(x2, 95)]) for y in range(max(y1, 0), min(y2, 96))}
+    # The right edge of each box is drawn in its class colour at the enlarged scale (labels sit
+    # above/left of the box).
+    x2, y1, y2 = (int(v * 6) for v in (boxes[0][2], boxes[0][1], boxes[0][3]))
+    edge = {tuple(int(v) for v in picture[y, min(x2 - 1, 575)]) for y in range(max(y1, 0), min(y2, 576))}
     assert edge & colours
 
     blank = render(out, image_id, str(tmp_path / "none.png"), dataset_uri=dataset.uri, score_threshold=0.95)
     assert blank["num_drawn"] == 0
     with Image.open(tmp_path / "none.png") as png:
         assert np.array_equal(np.asarray(png.convert("RGB")), plain)
+
+
+def test_render_sheet_tiles_the_single_renders(tmp_path) -> None:
+    dataset = ingest_synthetic(str(tmp_path / "ds"), num_images=6, image_size=96, shard_size=3)
+    out = str(tmp_path / "out")
+    _ground_truth_outputs(dataset, out)  # shard 0 only
+    image_ids = [f"synth-0-{i:07d}" for i in (2, 0, 1)]
+    drawn = render_sheet(out, image_ids, str(tmp_path / "sheet.png"), dataset_uri=dataset.uri, columns=2)
+    assert [d["image_id"] for d in drawn["images"]] == image_ids
+    with Image.open(tmp_path / "sheet.png") as png:
+        sheet = np.asarray(png.convert("RGB"))
+    gap, cell = SHEET_GAP, 576
+    assert sheet.shape == (2 * cell + 3 * gap, 2 * cell + 3 * gap, 3)
+    for index, image_id in enumerate(image_ids):  # cells in reading order, each the single render
+        render(out, image_id, str(tmp_path / "one.png"), dataset_uri=dataset.uri)
+        with Image.open(tmp_path / "one.png") as png:
+            single = np.asarray(png.convert("RGB"))
+        top, left = gap + (index // 2) * (cell + gap), gap + (index % 2) * (cell + gap)
+        assert np.array_equal(sheet[top : top + cell, left : left + cell], single), image_id
+    assert (sheet[-cell - gap : -gap, -cell - gap : -gap] == 255).all()  # the fourth cell is empty
+    with pytest.raises(ValueError, match="image 'synth-0-0000004' is not among the committed outputs"):
+        render_sheet(out, [image_ids[0], "synth-0-0000004"], str(tmp_path / "no.png"), dataset_uri=dataset.uri)
+    assert not (tmp_path / "no.png").exists()
 
 
 def test_render_errors_name_the_item(tmp_path) -> None:
