@@ -156,6 +156,17 @@ def test_infer_as_a_ray_job_with_token_auth(head, s3_server, tmp_path) -> None:
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     assert "succeeded" in submitted.stdout.lower()
     _assert_finished(out_uri)
+    # The job ran the inference flow: its run is on the session's Prefect server, completed.
+    assert _completed_inference_flow_runs(out_uri) == 1
+
+
+def _completed_inference_flow_runs(out_uri: str) -> int:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["inference"])))
+    return sum(1 for run in runs if run.parameters.get("out_uri") == out_uri and run.state.is_completed())
 
 
 def test_driver_environment_reaches_the_actors_of_a_remote_cluster(head, s3_server, tmp_path) -> None:
