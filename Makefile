@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.detectflow-installed
 
-.PHONY: venv demo demo-s3 test test-all lint bench clean
+.PHONY: venv demo demo-s3 test lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,9 +26,6 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q
-
-test-all: $(STAMP) lint
-	$(PY) -m pytest -q -m "slow or not slow"
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
