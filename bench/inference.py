@@ -109,6 +109,13 @@ def model_only(
     return sum(len(batch) for batch in batches), time.perf_counter() - started
 
 
+def warm_up(model: torch.nn.Module, batches: list[list[torch.Tensor]]) -> None:
+    """An untimed pass over the first quarter of ``batches``: oneDNN builds its kernels per input
+    shape on first use, and the model-only figures are the denominators of the efficiency, so they
+    are measured warm (the actors pay their own warm-up inside the run)."""
+    model_only(model, batches[: max(1, len(batches) // 4)])
+
+
 def _model_only_part(model_path: str, dataset_uri: str, part: int, parts: int, batch_size: int, barrier, results):
     """One of ``parts`` processes of :func:`model_only_processes`: every ``parts``-th batch, 1 thread."""
     torch.set_num_threads(1)
@@ -116,7 +123,7 @@ def _model_only_part(model_path: str, dataset_uri: str, part: int, parts: int, b
 
     model = load_checkpoint(model_path).eval()
     batches = decoded_batches(dataset_uri, batch_size)[part::parts]
-    model_only(model, batches[: max(1, len(batches) // 4)])  # oneDNN builds its kernels per shape: warm
+    warm_up(model, batches)
     results.put(model_only(model, batches, start_together=barrier))
 
 
@@ -330,10 +337,8 @@ def cpu_bench(args: argparse.Namespace, work: Path) -> dict:
         }
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
         batches = decoded_batches(dataset_uri, args.batch_size)  # meanwhile Ray's start-up settles
-        # oneDNN builds its kernels per input shape on first use, and the model-only figures are the
-        # denominators of the efficiency: measured warm (the actors pay their warm-up in the run).
         torch.set_num_threads(2)
-        model_only(model, batches[: max(1, len(batches) // 4)])
+        warm_up(model, batches)
         figures: dict[str, list[float]] = {}
         steady: dict[str, list[float]] = {}
         for repeat in range(1 if args.quick else args.repeats):
