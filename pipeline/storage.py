@@ -3,8 +3,10 @@
 Supported: local paths and ``file://``, ``s3://`` (s3fs), ``gs://`` (gcsfs, the ``gcs`` extra) and
 ``memory://``. S3 endpoint, region and credentials come from the usual places (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, ``~/.aws``, fsspec's
-``FSSPEC_S3_*`` variables) and can be overridden per call with ``storage_options`` (the CLI's
-``--storage-option key=value``).
+``FSSPEC_S3_*`` variables) and from a job's :class:`StorageConfig` (the CLI's
+``--storage-option key=value``), which every function here takes as an argument: there are no
+process-wide defaults, because the processes that do the work (Ray actors, Ray Train workers) are
+not the process that parsed the command line.
 
 Three promises, relied upon by the rest of the data plane:
 
@@ -34,29 +36,49 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from .storage_config import StorageConfig, StorageOptions, fsspec_options, parse_storage_options, secret_values
+
+__all__ = ["StorageConfig", "StorageError", "StorageOptions", "parse_storage_options", "secret_values"]
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-StorageOptions = Mapping[str, Any]
 
 # Retry policy, read once. Defaults ride out a ~30 s outage of the store.
 RETRY_ATTEMPTS = int(os.environ.get("DETECTFLOW_STORAGE_RETRIES", "10"))
 RETRY_BASE_DELAY_S = float(os.environ.get("DETECTFLOW_STORAGE_RETRY_BASE_S", "0.25"))
 RETRY_MAX_DELAY_S = float(os.environ.get("DETECTFLOW_STORAGE_RETRY_MAX_S", "8"))
 
-_default_options: dict[str, dict[str, Any]] = {}
 _BUCKET_PROTOCOLS = ("s3", "gs")
+# Stores that live in one machine (or one process): storage options mean nothing to them.
+_LOCAL_PROTOCOLS = ("file", "local", "memory")
 
 
 class StorageError(OSError):
     """A storage operation failed. ``transient`` says whether it was still failing after retries
-    (True) or failed permanently at once (False). The message names the redacted URI."""
+    (True) or failed permanently at once (False). ``reason`` is the cause in a word when one is
+    known: one of :data:`REASONS`. The message names the redacted URI and the reason."""
 
-    def __init__(self, message: str, *, uri: str, transient: bool):
+    def __init__(self, message: str, *, uri: str, transient: bool, reason: str | None = None):
         super().__init__(message)
         self.uri = uri
         self.transient = transient
+        self.reason = reason
+
+    def __reduce__(self) -> tuple:  # keyword-only fields: pickled (Ray) errors rebuild with them
+        return (_rebuild_storage_error, (str(self), self.uri, self.transient, self.reason))
+
+
+def _rebuild_storage_error(message: str, uri: str, transient: bool, reason: str | None) -> StorageError:
+    return StorageError(message, uri=uri, transient=transient, reason=reason)
+
+
+NOT_FOUND, NO_BUCKET, ACCESS_DENIED, UNREACHABLE = "not found", "no such bucket", "access denied", "could not connect"
+REASONS = (NOT_FOUND, NO_BUCKET, ACCESS_DENIED, UNREACHABLE)
+_DENIED_CODES = frozenset(
+    {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "403"}
+)
 
 
 # ----------------------------------------------------------------------------------- URIs
@@ -67,12 +89,6 @@ _SECRET_QUERY = re.compile(
     r"(?i)([?&](?:x-amz-signature|x-amz-credential|x-amz-security-token|signature|sig|token|"
     r"access_token|key|secret|password|credential)[^=&]*=)[^&\s]*"
 )
-# Option names whose values are credentials: s3fs ``secret``/``token``, botocore
-# ``aws_secret_access_key``/``aws_session_token``, gcsfs ``token``, adlfs ``account_key``/
-# ``sas_token``, passwords of HTTP/SFTP filesystems. Access key *ids* (s3fs ``key``) are
-# identifiers, not secrets, and stay readable: they tell which identity was refused.
-_SECRET_OPTION_NAME = re.compile(r"(?i)(secret|token|passw|credential|private|account_key|sas)")
-_SECRET_ENVIRONMENT = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 _MIN_SECRET_LENGTH = 4  # shorter values ("1", "ab") would blank out unrelated text
 
 
@@ -96,20 +112,6 @@ def _userinfo_secrets(uri: str) -> set[str]:
         found.add(userinfo)
         found.add(userinfo.partition(":")[2])
     return {value for value in found if value}
-
-
-def secret_values(options: StorageOptions | None) -> set[str]:
-    """The credential values inside ``options`` (nested dictionaries included) and in the AWS
-    credential environment variables: what :func:`redact` must remove from messages."""
-    found = {os.environ[name] for name in _SECRET_ENVIRONMENT if os.environ.get(name)}
-    pending: list[Mapping[str, Any]] = [options or {}]
-    while pending:
-        for name, value in pending.pop().items():
-            if isinstance(value, Mapping):
-                pending.append(value)
-            elif isinstance(value, str) and _SECRET_OPTION_NAME.search(str(name)):
-                found.add(value)
-    return found
 
 
 def protocol_of(uri: str) -> str:
@@ -144,55 +146,18 @@ def basename(uri: str) -> str:
     return normalize(uri).rstrip("/").rsplit("/", 1)[-1]
 
 
-def set_default_storage_options(protocol: str, options: StorageOptions) -> None:
-    """Options merged under every call's own ``storage_options`` for ``protocol`` (e.g. the CLI's
-    ``--storage-option`` values)."""
-    _default_options[protocol] = dict(options)
-
-
-def default_storage_options() -> dict[str, dict[str, Any]]:
-    """A copy of the per-protocol defaults set with :func:`set_default_storage_options`, to hand
-    them to other processes (Ray actors)."""
-    return {protocol: dict(options) for protocol, options in _default_options.items()}
-
-
-def parse_storage_options(pairs: list[str] | None) -> dict[str, Any]:
-    """``["endpoint_url=http://h:9000", "anon=false"]`` → a dict, JSON-decoding values that parse
-    (numbers, booleans, null, objects, lists) and keeping the rest as strings. ``client_kwargs.x=y``
-    nests (``{"client_kwargs": {"x": "y"}}``); a JSON object given for a key merges with nested
-    keys set on it. Raises ``ValueError`` naming the offending pair."""
-    options: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, separator, raw = pair.partition("=")
-        names = [name.strip() for name in key.split(".")]
-        if not separator or not all(names):
-            raise ValueError(f"storage option {pair!r} is not of the form key=value (nested: a.b=value)")
-        try:
-            value: Any = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        target = options
-        *parents, leaf = names
-        for depth, parent in enumerate(parents):
-            target = target.setdefault(parent, {})
-            if not isinstance(target, dict):
-                where = ".".join(names[: depth + 1])
-                raise ValueError(f"storage option {pair!r}: {where!r} is already set to a value, not a group")
-        if isinstance(target.get(leaf), dict) and isinstance(value, dict):
-            target[leaf].update(value)
-        else:
-            target[leaf] = value
-    return options
-
-
 def filesystem(uri: str, storage_options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem serving ``uri`` and the path inside it."""
     uri = normalize(uri)
     protocol = protocol_of(uri)
-    options = {**_default_options.get(protocol, {}), **dict(storage_options or {})}
+    options = {} if protocol in _LOCAL_PROTOCOLS else fsspec_options(storage_options, protocol)
     if protocol == "s3":
         # Listings written by other processes must be seen: never trust a cached listing.
         options.setdefault("use_listings_cache", False)
+        # One retry budget (docs/design.md): this module retries; botocore's own retries would
+        # multiply every attempt by up to 5.
+        config = options.setdefault("config_kwargs", {})
+        config.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
     try:
         fs, path = fsspec.core.url_to_fs(uri, **options)
     except ImportError as exc:
@@ -202,6 +167,11 @@ def filesystem(uri: str, storage_options: StorageOptions | None = None) -> tuple
             transient=False,
         ) from exc
     return fs, path
+
+
+def retrying(fs: fsspec.AbstractFileSystem, operation: Callable[[], T], *, uri: str, what: str) -> T:
+    """:func:`with_retries` for an operation on ``fs``: its credentials redacted, its endpoint named."""
+    return with_retries(operation, uri=uri, what=what, secrets=_secrets_of(fs), endpoint=endpoint_of(fs))
 
 
 def _secrets_of(fs: fsspec.AbstractFileSystem) -> set[str]:
@@ -380,6 +350,37 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno is None
 
 
+def failure_reason(exc: BaseException) -> str | None:
+    """What went wrong, in the words of :data:`REASONS`, from ``exc`` and its causes; None when
+    none of them tells."""
+    cursor: BaseException | None = exc
+    for _ in range(8):
+        if cursor is None:
+            return None
+        code, status = _service_status(cursor)
+        text = str(cursor).lower()
+        if code == "NoSuchBucket" or "bucket does not exist" in text or "no such bucket" in text:
+            return NO_BUCKET
+        if code in _DENIED_CODES or status == 403 or isinstance(cursor, PermissionError):
+            return ACCESS_DENIED
+        if code in ("NoSuchKey", "404") or status == 404 or isinstance(cursor, FileNotFoundError):
+            return NOT_FOUND
+        if isinstance(cursor, (ConnectionError, TimeoutError)) or any(
+            name in type(cursor).__name__.lower() for name in ("endpointconnection", "connecttimeout", "connectorerror")
+        ):
+            return UNREACHABLE
+        cursor = cursor.__cause__ or cursor.__context__
+    return None
+
+
+def endpoint_of(fs: fsspec.AbstractFileSystem) -> str | None:
+    """The service endpoint a filesystem talks to (an S3-compatible URL, or AWS), for messages."""
+    if hasattr(fs, "call_s3"):
+        kwargs = getattr(fs, "client_kwargs", None) or {}
+        return getattr(fs, "endpoint_url", None) or kwargs.get("endpoint_url") or "AWS S3 (no endpoint_url set)"
+    return None
+
+
 def with_retries(
     operation: Callable[[], T],
     *,
@@ -388,6 +389,7 @@ def with_retries(
     attempts: int | None = None,
     on_retry: Callable[[int, BaseException], None] | None = None,
     secrets: Iterable[str] = (),
+    endpoint: str | None = None,
 ) -> T:
     """Run ``operation``; retry transient failures with jittered exponential backoff.
 
@@ -409,8 +411,11 @@ def with_retries(
             if not transient or attempt == attempts:
                 raw_detail = f"{type(exc).__name__}: {exc}"
                 detail = redact(raw_detail, secrets)
+                reason = failure_reason(exc)
+                cause = f"{reason}{f' (endpoint {endpoint})' if endpoint else ''}: " if reason else ""
                 suffix = f" after {attempt} attempts" if transient else ""
-                error = StorageError(f"{what} {safe_uri} failed{suffix}: {detail}", uri=safe_uri, transient=transient)
+                message = f"{what} {safe_uri} failed{suffix}: {cause}{detail}"
+                error = StorageError(message, uri=safe_uri, transient=transient, reason=reason)
                 if detail != raw_detail:
                     raise error from None
                 raise error from exc
@@ -437,7 +442,7 @@ def with_retries(
 def read_bytes(uri: str, storage_options: StorageOptions | None = None) -> bytes:
     """The whole object at ``uri``."""
     fs, path = filesystem(uri, storage_options)
-    return with_retries(lambda: fs.cat_file(path), uri=uri, what="reading", secrets=_secrets_of(fs))
+    return retrying(fs, lambda: fs.cat_file(path), uri=uri, what="reading")
 
 
 def write_bytes(uri: str, data: bytes, storage_options: StorageOptions | None = None) -> None:
@@ -462,7 +467,7 @@ def write_bytes(uri: str, data: bytes, storage_options: StorageOptions | None = 
         else:
             fs.pipe_file(path, data)
 
-    with_retries(put, uri=uri, what="writing", secrets=_secrets_of(fs))
+    retrying(fs, put, uri=uri, what="writing")
 
 
 def read_json(uri: str, storage_options: StorageOptions | None = None) -> Any:
@@ -484,12 +489,12 @@ def exists(uri: str, storage_options: StorageOptions | None = None) -> bool:
         fs.invalidate_cache(path)
         return fs.exists(path)
 
-    return with_retries(check, uri=uri, what="checking", secrets=_secrets_of(fs))
+    return retrying(fs, check, uri=uri, what="checking")
 
 
 def size(uri: str, storage_options: StorageOptions | None = None) -> int:
     fs, path = filesystem(uri, storage_options)
-    return with_retries(lambda: int(fs.size(path)), uri=uri, what="sizing", secrets=_secrets_of(fs))
+    return retrying(fs, lambda: int(fs.size(path)), uri=uri, what="sizing")
 
 
 def list_files(
@@ -522,7 +527,7 @@ def list_files(
             names = [e["name"] for e in fs.ls(path, detail=True) if e.get("type") != "directory"]
         return sorted(names)
 
-    names = with_retries(listing, uri=prefix, what="listing", secrets=_secrets_of(fs))
+    names = retrying(fs, listing, uri=prefix, what="listing")
     wanted = tuple(s.lower() for s in suffixes) if suffixes else None
     base, root = normalize(prefix), path.rstrip("/") + "/"
     out = []
@@ -546,7 +551,7 @@ def delete(uri: str, storage_options: StorageOptions | None = None, *, missing_o
             if not missing_ok:
                 raise
 
-    with_retries(remove, uri=uri, what="deleting", secrets=_secrets_of(fs))
+    retrying(fs, remove, uri=uri, what="deleting")
 
 
 def ensure_bucket(uri: str, storage_options: StorageOptions | None = None) -> None:
@@ -565,7 +570,7 @@ def ensure_bucket(uri: str, storage_options: StorageOptions | None = None) -> No
         if not _bucket_exists(fs, bucket):
             raise FileNotFoundError(f"bucket {bucket!r} does not exist")
 
-    with_retries(check, uri=uri, what="opening bucket of", secrets=_secrets_of(fs))
+    retrying(fs, check, uri=uri, what="opening bucket of")
 
 
 def relative_path(uri: str, prefix: str) -> str:

@@ -20,8 +20,8 @@ from fsspec.implementations.memory import MemoryFileSystem
 from s3fs.errors import translate_boto_error
 
 from pipeline import storage
-from pipeline.seaweed import ACCESS_KEY
 from pipeline.storage import StorageError
+from tests.seaweed import ACCESS_KEY
 
 REPO = Path(__file__).resolve().parents[1]
 
