@@ -13,8 +13,9 @@ server), every configuration measured in each repeat (interleaved) in one run:
 - scaling: 1 vs 2 CPU actors at 1 torch thread each;
 - memory: peak and current RSS of one actor after each of 24 shards.
 
-``--gpu``: the shard worker in this process (no Ray) on CUDA, COCO photos, resnet50_fpn at 800 px,
-fp32 vs bf16: throughput, efficiency, and how well bf16 keeps fp32's confident detections.
+``--gpu``: the in-process executor (one shard worker, two threads, no Ray) on CUDA, COCO photos,
+resnet50_fpn at 800 px, fp32 vs bf16: throughput, efficiency, and how well bf16 keeps fp32's
+confident detections.
 
     .venv/bin/python bench/inference.py [--quick] [--gpu] [--batch-size B]
 """
@@ -42,8 +43,9 @@ from detector import build_detector, save_checkpoint  # noqa: E402
 from pipeline import storage  # noqa: E402
 from pipeline.dataset import open_dataset, read_shard  # noqa: E402
 from pipeline.decode import DecodedImage, decode_many  # noqa: E402
+from pipeline.distributors import LocalExecutor  # noqa: E402
 from pipeline.ingest import ingest_images  # noqa: E402
-from pipeline.worker import ShardWorker, shard_tasks  # noqa: E402
+from pipeline.jobs import InferenceSpec  # noqa: E402
 
 BACKGROUND_BIAS = 1.0
 COCO_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco" / "val2017_subset" / "images"
@@ -177,7 +179,7 @@ def end_to_end(
         if summary.shards_done and "seconds" not in first:
             first.update(seconds=summary.seconds, images=summary.images)
 
-    summary = run_inference(
+    spec = InferenceSpec(
         dataset_uri,
         out_uri,
         model_uri,
@@ -185,8 +187,8 @@ def end_to_end(
         threads_per_worker=threads,
         batch_size=batch_size,
         device="cpu",
-        progress=progress,
     )
+    summary = run_inference(spec, progress=progress)
     assert not summary.failed, summary.failed
     steady_images = summary.images - first["images"]
     steady = steady_images / (summary.seconds - first["seconds"]) if steady_images else float("nan")
@@ -287,9 +289,8 @@ def actor_rss_over_shards(dataset_uri: str, out_uri: str, model_uri: str) -> lis
                 peak, current = _peak_and_current_rss_mb(pid)
                 samples.append({"shards": summary.shards_done, "peak_mb": peak, "rss_mb": current})
 
-    summary = run_inference(
-        dataset_uri, out_uri, model_uri, workers=1, threads_per_worker=1, batch_size=8, device="cpu", progress=progress
-    )
+    spec = InferenceSpec(dataset_uri, out_uri, model_uri, workers=1, threads_per_worker=1, batch_size=8, device="cpu")
+    summary = run_inference(spec, progress=progress)
     assert not summary.failed, summary.failed
     return samples
 
@@ -308,7 +309,7 @@ def cpu_bench(args: argparse.Namespace, work: Path) -> dict:
     import ray
 
     from pipeline.ingest import ingest_synthetic
-    from pipeline.seaweed import SeaweedS3
+    from tests.seaweed import SeaweedS3
 
     result: dict = {}
     with SeaweedS3(work / "seaweed") as server:
@@ -450,8 +451,24 @@ def _agreement(reference_uri: str, candidate_uri: str, min_score: float = 0.0) -
     }
 
 
+def in_process_images(spec: InferenceSpec, shards: list) -> tuple[int, float]:
+    """(images, seconds) of ``shards`` through the in-process executor, fed as ``run_inference``
+    feeds it (up to two shards in flight), timed from the model on the device to the last commit."""
+    with LocalExecutor(spec, run_id="bench") as executor:
+        pending, images = list(shards), 0
+        started = time.perf_counter()
+        while pending or executor.in_flight:
+            while pending and executor.has_room():
+                executor.submit(pending.pop(0))
+            for completion in executor.wait(timeout_s=60):
+                assert completion.result is not None, completion.failure
+                images += completion.result.num_images
+        torch.cuda.synchronize()
+        return images, time.perf_counter() - started
+
+
 def gpu_bench(args: argparse.Namespace, work: Path) -> dict:
-    """The shard worker in this process on CUDA, COCO photos from local disk, resnet50_fpn at 800 px:
+    """The in-process executor on CUDA, COCO photos from local disk, resnet50_fpn at 800 px:
     end-to-end and model-only images/s in fp32 and bf16 (interleaved), and how well bf16 keeps the
     fp32 detections."""
     photos = work / "photos"
@@ -477,19 +494,16 @@ def gpu_bench(args: argparse.Namespace, work: Path) -> dict:
     batches = decoded_batches(dataset.uri, args.batch_size, "cuda")
     for repeat in range(1 if args.quick else 3):
         for name, (amp, dtype) in precisions.items():
-            worker = ShardWorker(
-                str(work / "model.pt"),
+            spec = InferenceSpec(
+                dataset.uri,
                 f"file://{work}/out-{name}-{repeat}",
-                device="cuda",
+                str(work / "model.pt"),
                 batch_size=args.batch_size,
+                device="cuda",
                 amp=amp,
-                decode_threads=8,
+                executor="local",
             )
-            started = time.perf_counter()
-            images = sum(r.num_images for r in worker.process_shards(shard_tasks(dataset.shards)))
-            torch.cuda.synchronize()
-            end_to_end_runs[name].append(images / (time.perf_counter() - started))
-            worker.close()
+            end_to_end_runs[name].append(rate(in_process_images(spec, dataset.shards)))
             model_only_runs[name].append(rate(model_only(model, batches, "cuda", dtype)))
             print(name, round(end_to_end_runs[name][-1], 1), round(model_only_runs[name][-1], 1), flush=True)
     for name in precisions:

@@ -35,7 +35,7 @@ from pipeline import storage  # noqa: E402
 from pipeline.dataset import DEFAULT_SHARD_SIZE, SHARD_COMPRESSION, SHARD_SCHEMA, open_dataset, read_shard  # noqa: E402
 from pipeline.decode import decode_image  # noqa: E402
 from pipeline.ingest import ingest_images, ingest_synthetic  # noqa: E402
-from pipeline.seaweed import SeaweedS3  # noqa: E402
+from tests.seaweed import SeaweedS3  # noqa: E402
 
 COCO_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco" / "val2017_subset" / "images"
 

@@ -84,7 +84,8 @@ SHARD_COMPRESSION = {
 @dataclass(frozen=True)
 class ShardInfo:
     """One shard file: ``name`` (``"shard-00003"``, also the name of its inference outputs), its
-    full ``uri``, its row count and its size in bytes."""
+    full ``uri``, its row count and its size in bytes. The one type for "a shard" everywhere: the
+    inference scheduler queues these and its workers process them."""
 
     name: str
     uri: str
@@ -159,7 +160,7 @@ def open_dataset(uri: str, storage_options: StorageOptions | None = None) -> Dat
     try:
         payload = storage.read_json(descriptor_uri(uri), storage_options)
     except storage.StorageError as exc:
-        if not exc.transient:
+        if exc.reason == storage.NOT_FOUND:
             raise FileNotFoundError(
                 f"no dataset at {storage.redact(uri)} (missing {DESCRIPTOR}; create one with "
                 "`detectflow ingest` or `detectflow synth`)"
@@ -215,9 +216,7 @@ def _read_columns(uri: str, columns: list[str], storage_options: StorageOptions 
             except pa.ArrowInvalid as exc:  # a bad file, not a storage failure: never retried
                 return exc
 
-    result = storage.with_retries(
-        read, uri=uri, what="reading", secrets=storage.secret_values(getattr(fs, "storage_options", None))
-    )
+    result = storage.retrying(fs, read, uri=uri, what="reading")
     if isinstance(result, pa.ArrowInvalid):
         raise ValueError(f"shard {storage.redact(uri)} is not a readable Parquet file: {result}") from result
     return result

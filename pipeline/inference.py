@@ -1,46 +1,52 @@
-"""Distributed batch inference: a pool of Ray actors, each wrapping a :class:`ShardWorker` with the
-model resident on its device, fed shards dynamically by this driver.
+"""Batch inference: :func:`run_inference`, a small scheduler over one distributor contract.
 
-Exactly once: the driver plans from the commit records (committed shards are skipped), workers
-commit each shard only after writing both of its files, and a retried shard overwrites whatever
-partial files a lost attempt left. Faults:
+The scheduler (:class:`InferenceRun`, in the driver) decides what runs and what a failure means; a
+distributor (``pipeline.distributors``: Ray actors on a cluster, or this process) runs shards on
+:class:`~pipeline.worker.ShardWorker` s and reports each attempt. Its steps:
 
-- an actor that dies (process killed, node lost) is replaced, and its shards go back to the queue,
-  up to ``max_shard_attempts`` attempts per shard;
-- a shard that fails for a deterministic reason (an unreadable Parquet file, say) is recorded as
-  failed in the manifest with its error at once; the run finishes the other shards and reports it;
-- a driver that dies leaves committed shards committed: the next run continues from them.
+- **plan**: open the dataset, check the output bucket, read the model once for its id, list the
+  committed shards, queue the others, write the ``running`` manifest;
+- **submit**: keep every worker busy with up to two shards (one on the device, one being fetched
+  or written);
+- **handle_result**: count a committed (or meanwhile committed: skipped) shard;
+- **handle_worker_death**: a worker process died (killed, node lost): replace it and requeue the
+  shard, up to ``max_shard_attempts`` attempts per shard;
+- **handle_task_error**: storage still failing after its own retries → requeue (same limit); a
+  deterministic error (an unreadable Parquet file, say) → the shard is failed at once and the run
+  finishes the others;
+- **write_manifest**: every few seconds while running, and at the end with per-shard states.
 
-Each actor runs up to two shards at once (a threaded actor): while one is on the device, the next
-is fetched and decoded, and outputs are written in the background.
-
-Storage settings travel with the work: the driver's ``AWS_*`` environment and its default storage
-options (the CLI's ``--storage-option``) are actor constructor arguments, so actors on a cluster
-started elsewhere (``ray start``, a Ray job) reach the same store as the driver.
+Exactly once: the plan skips committed shards, workers commit a shard only after writing both of
+its files (and skip it if it was committed meanwhile), and a retried shard overwrites whatever
+partial files a lost attempt left. A driver that dies leaves committed shards committed: the next
+run continues from them.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from . import storage
-from .dataset import open_dataset
+from .dataset import ShardInfo, open_dataset
+from .distributors import Completion, Distributor, ShardFailure, start_distributor
+from .jobs import InferenceSpec
 from .outputs import OutputStore
-from .storage import StorageOptions
-from .worker import ShardTask, model_id_of, shard_tasks
+from .worker import ShardResult, model_id_of
 
 log = logging.getLogger(__name__)
 
-IN_FLIGHT_PER_ACTOR = 2
-STORAGE_ENVIRONMENT_PREFIXES = ("AWS_",)
+MANIFEST_INTERVAL_S = 5.0  # the running manifest's refresh period
+WAIT_S = 1.0  # longest wait for a completion between progress reports
+VERSIONED = ("torch", "torchvision", "ray", "pyarrow")
+RECORD_FIELDS = ("run_id", "num_images", "num_detections", "num_errors", "timings", "node", "worker")
 
 
 @dataclass
@@ -67,280 +73,208 @@ class RunSummary:
         return {**asdict(self), "images_per_s": self.images_per_s}
 
 
-Progress = Callable[[RunSummary], None] | None
+Progress = Callable[[RunSummary], None]
 
 
-def _actor_class():
-    import ray
-
-    @ray.remote(max_concurrency=IN_FLIGHT_PER_ACTOR, max_restarts=0)
-    class InferenceActor:
-        """A :class:`ShardWorker` in a Ray actor process."""
-
-        def __init__(
-            self,
-            worker_kwargs: dict[str, Any],
-            environment: dict[str, str],
-            default_options: dict[str, dict[str, Any]],
-        ):
-            from .worker import ShardWorker
-
-            # The driver's storage settings: an actor on a cluster started elsewhere (a Ray job, a
-            # `ray start` head) does not inherit the driver's environment or its CLI options.
-            os.environ.update(environment)
-            for protocol, options in default_options.items():
-                storage.set_default_storage_options(protocol, options)
-            self.worker = ShardWorker(**worker_kwargs)
-
-        def pid(self) -> int:
-            return os.getpid()
-
-        def process(self, name: str, uri: str) -> dict[str, Any]:
-            return self.worker.process(ShardTask(name, uri)).to_dict()
-
-    return InferenceActor
+def run_inference(spec: InferenceSpec, *, progress: Progress | None = None) -> RunSummary:
+    """Detect objects in every uncommitted shard of ``spec.data_uri``, writing to ``spec.out_uri``.
+    ``progress`` is called with the summary so far about once a second."""
+    return InferenceRun(spec, progress).run()
 
 
-def connect(ray_address: str | None) -> None:
-    """Connect to ``ray_address`` / ``RAY_ADDRESS`` (also set inside a Ray job), or start a local
-    cluster."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = ray_address or os.environ.get("RAY_ADDRESS")
-    ray.init(
-        address=address or None,
-        include_dashboard=False if not address else None,
-        log_to_driver=True,
-        logging_level=logging.WARNING,
-    )
+def new_run_id() -> str:
+    return f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
-def storage_environment() -> dict[str, str]:
-    """The driver's storage settings in its environment (``AWS_*``: endpoint, region, credentials,
-    profile), handed to the actors as constructor arguments — not ``runtime_env``, whose values
-    the Ray dashboard shows."""
-    return {name: value for name, value in os.environ.items() if name.startswith(STORAGE_ENVIRONMENT_PREFIXES)}
+class InferenceRun:
+    """One run: plan, then submit and handle completions until no shard is left, then the final
+    manifest. See the module docstring for the steps."""
 
+    def __init__(self, spec: InferenceSpec, progress: Progress | None = None):
+        self.spec = spec
+        self.progress = progress
+        self.run_id = new_run_id()
+        self.store = OutputStore(spec.out_uri, spec.storage)
+        self.queue: deque[ShardInfo] = deque()
+        self.attempts: dict[str, int] = {}
+        self.started = time.perf_counter()
+        self.last_manifest = time.monotonic()
+        self.summary: RunSummary | None = None
+        self.distributor: Distributor | None = None
 
-def _is_actor_death(exc: BaseException) -> bool:
-    import ray.exceptions as rex
+    def run(self) -> RunSummary:
+        self.plan()
+        try:
+            if self.queue:
+                with start_distributor(self.spec, self.run_id, len(self.queue)) as distributor:
+                    self.distributor = distributor
+                    self.schedule()
+        except BaseException as exc:
+            self.abandon(exc)
+            raise
+        return self.finish()
 
-    return isinstance(exc, (rex.RayActorError, rex.WorkerCrashedError, rex.ActorUnavailableError))
+    # ------------------------------------------------------------------------------- steps
 
-
-def _is_retryable_task_error(exc: BaseException) -> bool:
-    """A task error worth another attempt: storage still failing after its own retries."""
-    cause = getattr(exc, "cause", None)
-    return isinstance(cause, storage.StorageError) and cause.transient
-
-
-def run_inference(
-    data_uri: str,
-    out_uri: str,
-    model_uri: str,
-    *,
-    workers: int | None = None,
-    batch_size: int = 8,
-    score_threshold: float | None = None,
-    device: str = "auto",
-    amp: str = "auto",
-    threads_per_worker: int | None = None,
-    ray_address: str | None = None,
-    max_shard_attempts: int = 3,
-    storage_options: StorageOptions | None = None,
-    progress: Progress = None,
-    manifest_interval_s: float = 5.0,
-) -> RunSummary:
-    """Detect objects in every uncommitted shard of ``data_uri``, writing to ``out_uri``."""
-    import ray
-
-    started = time.perf_counter()
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
-    dataset = open_dataset(data_uri, storage_options)
-    storage.ensure_bucket(out_uri, storage_options)
-    checkpoint = storage.read_bytes(model_uri, storage_options)  # fail fast on a missing model
-    model_id = model_id_of(checkpoint)
-    store = OutputStore(out_uri, storage_options)
-    committed = store.committed_names()
-    todo = deque(t for t in shard_tasks(dataset.shards) if t.name not in committed)
-    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    summary = RunSummary(
-        run_id,
-        storage.redact(dataset.uri),
-        storage.redact(store.uri),
-        model_id,
-        shards_total=len(dataset.shards),
-        shards_skipped=len(dataset.shards) - len(todo),
-    )
-    settings = {
-        "batch_size": batch_size,
-        "score_threshold": score_threshold,
-        "device": device,
-        "amp": amp,
-        "max_shard_attempts": max_shard_attempts,
-    }
-    manifest = _manifest(summary, data_uri, model_uri, settings, state="running")
-    store.write_manifest(manifest)
-    if not todo:
-        summary.seconds = time.perf_counter() - started
-        store.write_manifest(
-            _manifest(summary, data_uri, model_uri, settings, state="finished", committed=store.committed_shards())
+    def plan(self) -> None:
+        spec = self.spec
+        dataset = open_dataset(spec.data_uri, spec.storage)
+        storage.ensure_bucket(spec.out_uri, spec.storage)
+        model_id = model_id_of(storage.read_bytes(spec.model_uri, spec.storage))  # fails fast on a missing model
+        committed = self.store.committed_names()
+        self.queue = deque(shard for shard in dataset.shards if shard.name not in committed)
+        self.summary = RunSummary(
+            self.run_id,
+            storage.redact(dataset.uri),
+            storage.redact(self.store.uri),
+            model_id,
+            shards_total=len(dataset.shards),
+            shards_skipped=len(dataset.shards) - len(self.queue),
         )
-        return summary
+        self.write_manifest("running")
 
-    connect(ray_address)
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0)) if device != "cpu" else 0
-    use_gpu = gpus > 0
-    if device == "cuda" and not use_gpu:
-        raise ValueError("--device cuda asked for, but the Ray cluster has no GPUs")
-    capacity = gpus if use_gpu else max(1, int(resources.get("CPU", 1)) // (threads_per_worker or 1))
-    num_actors = min(workers or capacity, len(todo))
-    threads = threads_per_worker or (None if use_gpu else 1)
-    worker_kwargs = {
-        "model_uri": model_uri,
-        "out_uri": out_uri,
-        "run_id": run_id,
-        "device": "cuda" if use_gpu else "cpu",
-        "batch_size": batch_size,
-        "score_threshold": score_threshold,
-        "amp": amp,
-        "torch_threads": threads,
-        "storage_options": dict(storage_options) if storage_options else None,
-    }
-    actor_options = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": threads or 1}
-    actor_class = _actor_class()
-    environment = storage_environment()
-    default_options = storage.default_storage_options()
+    def schedule(self) -> None:
+        self.submit()
+        while self.distributor.in_flight:
+            for completion in self.distributor.wait(WAIT_S):
+                self.handle(completion)
+            self.submit()
+            self.report()
 
-    def new_actor():
-        return actor_class.options(**actor_options).remote(worker_kwargs, environment, default_options)
+    def submit(self) -> None:
+        """Fill the workers: up to two shards in flight each (the distributor knows its workers)."""
+        while self.queue and self.distributor.has_room():
+            shard = self.queue.popleft()
+            self.attempts[shard.name] = self.attempts.get(shard.name, 0) + 1
+            self.distributor.submit(shard)
 
-    actors = {index: new_actor() for index in range(num_actors)}
-    in_flight: dict[Any, tuple[int, ShardTask]] = {}
-    attempts: dict[str, int] = {}
-    last_manifest = time.monotonic()
-
-    def submit() -> None:
-        for index, actor in actors.items():
-            while todo and sum(1 for a, _ in in_flight.values() if a == index) < IN_FLIGHT_PER_ACTOR:
-                task = todo.popleft()
-                attempts[task.name] = attempts.get(task.name, 0) + 1
-                in_flight[actor.process.remote(task.name, task.uri)] = (index, task)
-
-    def retry_or_fail(task: ShardTask, error: str) -> None:
-        if attempts[task.name] < max_shard_attempts:
-            todo.appendleft(task)
+    def handle(self, completion: Completion) -> None:
+        if completion.worker_died:
+            self.handle_worker_death(completion)
+        elif completion.failure is not None:
+            self.handle_task_error(completion.shard, completion.failure)
         else:
-            summary.failed[task.name] = f"gave up after {attempts[task.name]} attempts: {error}"
+            self.handle_result(completion.result)
 
-    try:
-        submit()
-        while in_flight:
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
-            for ref in ready:
-                index, task = in_flight.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except Exception as exc:  # noqa: BLE001 — classified below
-                    if _is_actor_death(exc):
-                        log.warning("actor %d died while processing %s: %s", index, task.name, type(exc).__name__)
-                        if actors.get(index) is not None and _actor_dead(actors[index]):
-                            ray.kill(actors[index], no_restart=True)
-                            actors[index] = new_actor()
-                            summary.actor_restarts += 1
-                        retry_or_fail(task, type(exc).__name__)
-                    elif _is_retryable_task_error(exc):
-                        retry_or_fail(task, str(getattr(exc, "cause", exc)))
-                    else:
-                        cause = getattr(exc, "cause", None) or exc
-                        summary.failed[task.name] = storage.redact(f"{type(cause).__name__}: {cause}")
-                        log.error("shard %s failed: %s", task.name, summary.failed[task.name])
-                    continue
-                if not result["skipped"]:
-                    summary.shards_done += 1
-                    summary.images += result["num_images"]
-                    summary.errors += result["num_errors"]
-                    summary.detections += result["num_detections"]
-                else:
-                    summary.shards_skipped += 1
-            submit()
-            summary.seconds = time.perf_counter() - started
-            if progress is not None:
-                progress(summary)
-            if time.monotonic() - last_manifest > manifest_interval_s:
-                store.write_manifest(_manifest(summary, data_uri, model_uri, settings, state="running"))
-                last_manifest = time.monotonic()
-    finally:
-        for actor in actors.values():
-            ray.kill(actor, no_restart=True)
-    summary.seconds = time.perf_counter() - started
-    state = "failed" if summary.failed else "finished"
-    store.write_manifest(
-        _manifest(summary, data_uri, model_uri, settings, state=state, committed=store.committed_shards())
-    )
-    return summary
+    def handle_result(self, result: ShardResult) -> None:
+        if result.skipped:  # committed by another run since the plan
+            self.summary.shards_skipped += 1
+            return
+        self.summary.shards_done += 1
+        self.summary.images += result.num_images
+        self.summary.errors += result.num_errors
+        self.summary.detections += result.num_detections
+
+    def handle_worker_death(self, completion: Completion) -> None:
+        log.warning("a worker died while processing %s: %s", completion.shard.name, completion.failure.message)
+        if self.distributor.replace_worker(completion.worker):
+            self.summary.actor_restarts += 1
+        self.retry_or_fail(completion.shard, completion.failure.message)
+
+    def handle_task_error(self, shard: ShardInfo, failure: ShardFailure) -> None:
+        if failure.retryable:
+            log.warning("shard %s failed, will retry: %s", shard.name, failure.message)
+            self.retry_or_fail(shard, failure.message)
+            return
+        self.summary.failed[shard.name] = failure.message
+        log.error("shard %s failed: %s", shard.name, failure.message)
+
+    def retry_or_fail(self, shard: ShardInfo, error: str) -> None:
+        attempts = self.attempts[shard.name]
+        if attempts < self.spec.max_shard_attempts:
+            self.queue.appendleft(shard)
+        else:
+            self.summary.failed[shard.name] = f"gave up after {attempts} attempts: {error}"
+
+    def report(self) -> None:
+        self.summary.seconds = time.perf_counter() - self.started
+        if self.progress is not None:
+            self.progress(self.summary)
+        if time.monotonic() - self.last_manifest > MANIFEST_INTERVAL_S:
+            self.write_manifest("running")
+
+    def write_manifest(self, state: str, *, final: bool = False) -> None:
+        committed = self.store.committed_shards() if final else None
+        self.store.write_manifest(build_manifest(self.spec, self.summary, state=state, committed=committed))
+        self.last_manifest = time.monotonic()
+
+    def finish(self) -> RunSummary:
+        self.summary.seconds = time.perf_counter() - self.started
+        self.write_manifest("failed" if self.summary.failed else "finished", final=True)
+        return self.summary
+
+    def abandon(self, exc: BaseException) -> None:
+        """The driver stops early (refused by the cluster, interrupted): say so in the manifest if
+        storage lets us."""
+        self.summary.seconds = time.perf_counter() - self.started
+        manifest = build_manifest(self.spec, self.summary, state="stopped")
+        manifest["error"] = storage.redact(f"{type(exc).__name__}: {exc}", storage.secret_values(self.spec.storage))
+        try:
+            self.store.write_manifest(manifest)
+        except Exception as write_error:  # noqa: BLE001 — the original error is the one to raise
+            log.warning("could not record the stopped run in its manifest: %s", write_error)
 
 
-def _actor_dead(actor: Any) -> bool:
-    """Whether the actor process is gone (a second call fails at once if so)."""
-    import ray
-
-    try:
-        ray.get(actor.pid.remote(), timeout=10)
-        return False
-    except Exception:  # noqa: BLE001 — any failure to answer means it is gone or unusable
-        return True
+# ------------------------------------------------------------------------------ manifest
 
 
-def _manifest(
+def build_manifest(
+    spec: InferenceSpec,
     summary: RunSummary,
-    data_uri: str,
-    model_uri: str,
-    settings: dict[str, Any],
     *,
     state: str,
     committed: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    import pyarrow
-    import ray
-    import torch
-    import torchvision
-
+    """The run's ``_manifest.json``: ids, ``state`` (``running``, ``finished``, ``failed``: some
+    shard failed, ``stopped``: the driver stopped early), the job's settings (no secrets:
+    ``spec.public()``), versions, this run's summary; given the commit records, per-shard states
+    and totals."""
     manifest = {
         "run_id": summary.run_id,
         "state": state,
-        "data_uri": storage.redact(storage.normalize(data_uri)),
-        "model_uri": storage.redact(model_uri),
+        "data_uri": storage.redact(spec.data_uri),
+        "model_uri": storage.redact(spec.model_uri),
         "model_id": summary.model_id,
-        "settings": settings,
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "torchvision": torchvision.__version__,
-            "ray": ray.__version__,
-            "pyarrow": pyarrow.__version__,
-        },
+        "settings": _settings(spec),
+        "versions": _versions(),
         "this_run": summary.to_dict(),
         "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if committed is not None:
-        manifest["shards"] = {
-            name: {
-                "state": "committed",
-                **{k: record.get(k) for k in ("run_id", "num_images", "num_detections", "num_errors", "timings")},
-            }
-            for name, record in sorted(committed.items())
-        }
-        for name, error in summary.failed.items():
-            manifest["shards"][name] = {"state": "failed", "error": error}
+        manifest["shards"] = _shard_states(committed, summary.failed)
         manifest["totals"] = {
             "shards_committed": len(committed),
-            "images": sum(r.get("num_images", 0) for r in committed.values()),
-            "detections": sum(r.get("num_detections", 0) for r in committed.values()),
-            "errors": sum(r.get("num_errors", 0) for r in committed.values()),
+            "images": sum(record.get("num_images", 0) for record in committed.values()),
+            "detections": sum(record.get("num_detections", 0) for record in committed.values()),
+            "errors": sum(record.get("num_errors", 0) for record in committed.values()),
         }
     return manifest
+
+
+def _settings(spec: InferenceSpec) -> dict[str, Any]:
+    """``spec.public()`` with its locations redacted (user info, signed query strings)."""
+    public = spec.public()
+    return {name: storage.redact(value) if name.endswith("_uri") else value for name, value in public.items()}
+
+
+def _shard_states(committed: dict[str, dict[str, Any]], failed: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Per shard: ``committed`` with its record's run, counts, timings and where it was done
+    (``node``, ``worker``), or ``failed`` with the error."""
+    shards = {
+        name: {"state": "committed", **{key: record.get(key) for key in RECORD_FIELDS}}
+        for name, record in sorted(committed.items())
+    }
+    for name, error in failed.items():
+        shards[name] = {"state": "failed", "error": error}
+    return shards
+
+
+def _versions() -> dict[str, str | None]:
+    """Versions of what computed the outputs (read from package metadata: no import of Ray)."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for package in VERSIONED:
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return versions

@@ -8,7 +8,8 @@ Layout at ``OUT_URI/``::
     images/<shard>.parquet       one row per input image: image_id, shard, width, height,
                                                     status ("ok" | "error"), error (null when ok),
                                                     num_detections, run_id, model_id
-    _commits/<shard>.json        the commit record of a shard: counts, run and model ids, timings
+    _commits/<shard>.json        the commit record of a shard: counts, run and model ids, timings,
+                                 where it was done (node, worker)
     _manifest.json               the run: ids, settings, versions, per-shard state, totals, timings
 
 Commit protocol:
@@ -20,7 +21,9 @@ Commit protocol:
 3. A run skips committed shards and (re)writes the others from scratch, overwriting any partial
    files. Each image therefore appears exactly once in ``images`` whatever happened before: killed
    workers, killed drivers, storage outages, re-runs.
-4. A committed shard is never rewritten (``write_shard`` refuses unless told to overwrite).
+4. A committed shard is never rewritten: a run leaves it out of its plan, and the worker checks
+   again right before it starts a shard (``ShardWorker.process``). ``write_shard`` itself always
+   writes: the shards it is given are the uncommitted ones.
 """
 
 from __future__ import annotations
@@ -72,10 +75,6 @@ IMAGES_SCHEMA = pa.schema(
 SCHEMAS = {DETECTIONS: DETECTIONS_SCHEMA, IMAGES: IMAGES_SCHEMA}
 
 
-class AlreadyCommitted(RuntimeError):
-    """Raised when writing a shard whose outputs are already committed."""
-
-
 def to_parquet_bytes(table: pa.Table) -> bytes:
     """``table`` as a zstd-compressed Parquet file."""
     buffer = io.BytesIO()
@@ -118,19 +117,9 @@ class OutputStore:
         """Whether ``shard``'s commit record exists."""
         return storage.exists(self.commit_uri(shard), self.storage_options)
 
-    def write_shard(
-        self,
-        shard: str,
-        images: pa.Table,
-        detections: pa.Table,
-        record: dict[str, Any],
-        *,
-        overwrite: bool = False,
-    ) -> None:
-        """Write a shard's two files, then commit it. Refuses a committed shard unless
-        ``overwrite``."""
-        if not overwrite and self.is_committed(shard):
-            raise AlreadyCommitted(f"shard {shard} is already committed in {storage.redact(self.uri)}")
+    def write_shard(self, shard: str, images: pa.Table, detections: pa.Table, record: dict[str, Any]) -> None:
+        """Write a shard's two files (replacing any partial ones), then commit it with ``record``
+        plus the shard's name and row counts."""
         images = images.cast(IMAGES_SCHEMA)
         detections = detections.cast(DETECTIONS_SCHEMA)
         storage.write_bytes(self.file_uri(IMAGES, shard), to_parquet_bytes(images), self.storage_options)

@@ -1,27 +1,26 @@
 """The shard worker: one process, the model resident on its device; shard → decode → detect → write
-→ commit. A plain class with no Ray inside: Ray (``pipeline.inference``) only distributes shards to
-workers, and the GPU benchmark runs the worker in-process.
+→ commit. A plain class with no Ray inside: the distributors (``pipeline.distributors``) only hand
+it shards, in a Ray actor or in the driver's own process.
 
 Stages of a shard: **fetch** (read the Parquet shard, decode its images in a thread pool — nvjpeg
-in one batch on CUDA), **detect** (batches of similar aspect ratio, ``torch.inference_mode``, AMP
-and channels_last where they help), **write** (the ``images`` and ``detections`` files, then the
-commit record; see ``pipeline.outputs``). ``process_shards`` overlaps them: the next shard is
-fetched and decoded while the current one is on the device, and outputs are written in the
-background. The model is guarded by a lock, so ``process`` may also be called from several threads
-(the Ray actor does that to overlap fetching with detection).
+in one batch on CUDA), **detect** (``pipeline.detect.detect_images``: batches of similar aspect
+ratio, ``torch.inference_mode``, AMP when the job asks for it, channels_last), **write** (the
+``images`` and ``detections`` files, then the commit record; see ``pipeline.outputs``).
+
+:meth:`ShardWorker.process` runs the three stages of one shard in the calling thread and is
+thread-safe: the model is guarded by a lock, so a distributor that calls it from two threads
+overlaps one shard's fetch and write with another's detection.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import os
+import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,18 +30,15 @@ import torch
 from detector import load_checkpoint
 
 from . import storage
-from .dataset import read_shard
+from .dataset import ShardInfo, read_shard
 from .decode import DEFAULT_MAX_PIXELS, DecodedImage, DecodeError, decode_many
+from .detect import detect_images
+from .jobs import InferenceSpec
 from .outputs import DETECTIONS_SCHEMA, IMAGES_SCHEMA, OutputStore
-from .storage import StorageOptions
 
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ShardTask:
-    name: str  # "shard-00003"
-    uri: str  # the shard's Parquet file
+# CPU decoding threads per shard (decoders release the GIL); on CUDA, JPEGs are decoded by nvjpeg.
+DECODE_THREADS = 4
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -60,18 +56,18 @@ class ShardResult:
 
 @dataclass
 class FetchedShard:
-    task: ShardTask
+    shard: ShardInfo
     decoded: list[DecodedImage | DecodeError]
     timings: dict[str, float]
 
 
 def resolve_device(device: str) -> torch.device:
+    """``"auto"`` → CUDA when this process has a usable device, else the CPU. The value itself was
+    validated by the job spec; this checks that CUDA, when asked for, is there."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but this machine has no usable CUDA device")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
+        raise ValueError("device cuda asked for, but this machine has no usable CUDA device")
     return torch.device(device)
 
 
@@ -81,115 +77,82 @@ def model_id_of(checkpoint: bytes) -> str:
 
 
 class ShardWorker:
-    """Detects objects in whole shards and commits their outputs.
+    """Detects objects in whole shards of ``spec.data_uri`` and commits their outputs to
+    ``spec.out_uri``.
 
-    ``amp``: ``"off"``, ``"bf16"``, ``"fp16"`` or ``"auto"`` (off: reduced precision moved
-    low-score detections across the threshold in our checks, so it is opt-in). The model runs in
+    ``run_id`` goes into every output row and commit record; ``node`` (default: the host name; the
+    Ray node id in an actor) and ``worker_id`` (default ``node:pid``) into the commit records, to
+    tell where a shard was done. ``device``: the device the distributor placed this worker on
+    (``"cuda"`` for a GPU actor), else ``spec.device``; resolved here, once. The model runs in
     channels_last (NHWC) memory format: faster convolutions on CUDA (cuDNN) and on x86 CPUs (oneDNN;
     bench/detector.py measured 1.1–1.3× here) with identical results.
     """
 
     def __init__(
         self,
-        model_uri: str,
-        out_uri: str,
+        spec: InferenceSpec,
         *,
         run_id: str | None = None,
-        device: str = "auto",
-        batch_size: int = 8,
-        score_threshold: float | None = None,
-        amp: str = "auto",
-        decode_threads: int = 4,
-        torch_threads: int | None = None,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        storage_options: StorageOptions | None = None,
+        node: str | None = None,
+        worker_id: str | None = None,
+        device: str | None = None,
     ):
-        if batch_size < 1:
-            raise ValueError(f"batch size must be ≥ 1, got {batch_size}")
-        if amp not in ("auto", "off", "bf16", "fp16"):
-            raise ValueError(f"amp must be auto, off, bf16 or fp16, not {amp!r}")
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
-        self.device = resolve_device(device)
-        self.batch_size = batch_size
-        self.decode_threads = decode_threads
-        self.max_pixels = max_pixels
-        self.storage_options = storage_options
+        if spec.threads_per_worker:
+            torch.set_num_threads(spec.threads_per_worker)
+        self.spec = spec
+        self.device = resolve_device(device or spec.device)
+        self.amp_dtype = AMP_DTYPES.get(spec.amp) if self.device.type == "cuda" else None
         self.run_id = run_id or uuid.uuid4().hex[:12]
-        self.amp_dtype = (
-            {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp) if self.device.type == "cuda" else None
-        )
+        self.node = node or socket.gethostname()
+        self.worker_id = worker_id or f"{self.node}:{os.getpid()}"
 
-        checkpoint = storage.read_bytes(model_uri, storage_options)
+        checkpoint = storage.read_bytes(spec.model_uri, spec.storage)
         self.model_id = model_id_of(checkpoint)
-        overrides = {} if score_threshold is None else {"box_score_thresh": float(score_threshold)}
-        self.model = load_checkpoint(io.BytesIO(checkpoint), **overrides).eval().to(self.device)
-        self.model = self.model.to(memory_format=torch.channels_last)
+        overrides = {} if spec.score_threshold is None else {"box_score_thresh": float(spec.score_threshold)}
+        model = load_checkpoint(io.BytesIO(checkpoint), **overrides).eval().to(self.device)
+        self.model = model.to(memory_format=torch.channels_last)
         self.class_names = self.model.class_names or [str(i) for i in range(self.model.num_classes)]
-        self.store = OutputStore(out_uri, storage_options)
+        self.store = OutputStore(spec.out_uri, spec.storage)
         self._model_lock = threading.Lock()
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
-        self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch")
+
+    def process(self, shard: ShardInfo) -> ShardResult:
+        """One shard, start to commit, in the calling thread; a committed shard is skipped, never
+        rewritten. Thread-safe."""
+        if self.store.is_committed(shard.name):
+            return ShardResult(shard.name, skipped=True)
+        return self.write(*self.detect(self.fetch(shard)))
 
     # ------------------------------------------------------------------------------ stages
 
-    def fetch(self, task: ShardTask) -> FetchedShard:
+    def fetch(self, shard: ShardInfo) -> FetchedShard:
         started = time.perf_counter()
-        table = read_shard(task.uri, ["image_id", "image"], self.storage_options)
+        table = read_shard(shard.uri, ["image_id", "image"], self.spec.storage)
         read_s = time.perf_counter() - started
         items = list(zip(table.column("image_id").to_pylist(), table.column("image").to_pylist()))
         del table
         started = time.perf_counter()
-        decoded = decode_many(items, max_pixels=self.max_pixels, threads=self.decode_threads, device=self.device)
-        return FetchedShard(task, decoded, {"read": read_s, "decode": time.perf_counter() - started})
+        decoded = decode_many(items, max_pixels=DEFAULT_MAX_PIXELS, threads=DECODE_THREADS, device=self.device)
+        return FetchedShard(shard, decoded, {"read": read_s, "decode": time.perf_counter() - started})
 
     def detect(self, fetched: FetchedShard) -> tuple[pa.Table, pa.Table, ShardResult]:
+        """The shard's ``images`` and ``detections`` tables, and its result so far."""
         started = time.perf_counter()
-        shard = fetched.task.name
-        ok = [i for i, d in enumerate(fetched.decoded) if isinstance(d, DecodedImage)]
-        # Similar aspect ratios together: less padding in each batch.
-        ok.sort(key=lambda i: fetched.decoded[i].height / fetched.decoded[i].width)
-        outputs: dict[int, dict[str, torch.Tensor]] = {}
-        with self._model_lock, torch.inference_mode():
-            for start in range(0, len(ok), self.batch_size):
-                indices = ok[start : start + self.batch_size]
-                images = [fetched.decoded[i].image.to(self.device).float().div_(255) for i in indices]
-                if self.amp_dtype is not None:
-                    with torch.autocast("cuda", dtype=self.amp_dtype):
-                        results = self.model(images)
-                else:
-                    results = self.model(images)
-                for i, result in zip(indices, results):
-                    outputs[i] = {k: v.float().cpu() if k != "labels" else v.cpu() for k, v in result.items()}
+        ok = [item for item in fetched.decoded if isinstance(item, DecodedImage)]
+        with self._model_lock:
+            outputs = detect_images(
+                self.model,
+                [item.image for item in ok],
+                batch_size=self.spec.batch_size,
+                device=self.device,
+                amp_dtype=self.amp_dtype,
+            )
         detect_s = time.perf_counter() - started
-
-        image_rows, detection_columns = [], {name: [] for name in DETECTIONS_SCHEMA.names}
-        errors = 0
-        for index, item in enumerate(fetched.decoded):
-            if isinstance(item, DecodeError):
-                errors += 1
-                image_rows.append(self._image_row(item.image_id, shard, None, None, "error", item.message, 0))
-                continue
-            out = outputs[index]
-            count = len(out["scores"])
-            image_rows.append(self._image_row(item.image_id, shard, item.width, item.height, "ok", None, count))
-            if count:
-                boxes = out["boxes"].numpy()
-                labels = out["labels"].tolist()
-                detection_columns["image_id"] += [item.image_id] * count
-                detection_columns["shard"] += [shard] * count
-                detection_columns["label"] += labels
-                detection_columns["label_name"] += [self._label_name(lab) for lab in labels]
-                detection_columns["score"] += out["scores"].tolist()
-                for column, values in zip(("x1", "y1", "x2", "y2"), boxes.T):
-                    detection_columns[column] += values.tolist()
-                detection_columns["run_id"] += [self.run_id] * count
-                detection_columns["model_id"] += [self.model_id] * count
-        images = pa.Table.from_pylist(image_rows, schema=IMAGES_SCHEMA)
-        detections = pa.Table.from_pydict(detection_columns, schema=DETECTIONS_SCHEMA)
-        result = ShardResult(
-            shard, images.num_rows, errors, detections.num_rows, {**fetched.timings, "detect": detect_s}
-        )
+        outputs_iter = iter(outputs)
+        aligned = [next(outputs_iter) if isinstance(item, DecodedImage) else None for item in fetched.decoded]
+        images, detections = self._tables(fetched, aligned)
+        errors = sum(1 for item in fetched.decoded if isinstance(item, DecodeError))
+        timings = {**fetched.timings, "detect": detect_s}
+        result = ShardResult(fetched.shard.name, images.num_rows, errors, detections.num_rows, timings)
         return images, detections, result
 
     def write(self, images: pa.Table, detections: pa.Table, result: ShardResult) -> ShardResult:
@@ -199,44 +162,43 @@ class ShardWorker:
             "model_id": self.model_id,
             "num_errors": result.num_errors,
             "timings": result.timings,
-            "worker": f"{os.uname().nodename}:{os.getpid()}",
+            "node": self.node,
+            "worker": self.worker_id,
         }
-        self.store.write_shard(result.shard, images, detections, record, overwrite=True)
+        self.store.write_shard(result.shard, images, detections, record)
         result.timings["write"] = time.perf_counter() - started
         return result
 
-    # ---------------------------------------------------------------------------- drivers
-
-    def process(self, task: ShardTask) -> ShardResult:
-        """One shard, start to commit, in the calling thread. Thread-safe."""
-        if self.store.is_committed(task.name):
-            return ShardResult(task.name, skipped=True)
-        images, detections, result = self.detect(self.fetch(task))
-        return self.write(images, detections, result)
-
-    def process_shards(self, tasks: Iterable[ShardTask]) -> Iterator[ShardResult]:
-        """Shards in a pipeline: fetch of shard n+1 and write of shard n-1 overlap detection of
-        shard n. Yields results in order as their commits complete; committed shards are skipped."""
-        committed = self.store.committed_names()
-        todo = [t for t in tasks if t.name not in committed]
-        next_fetch: Future | None = self._prefetcher.submit(self.fetch, todo[0]) if todo else None
-        pending_write: Future | None = None
-        for position, _task in enumerate(todo):
-            fetched = next_fetch.result()
-            next_fetch = self._prefetcher.submit(self.fetch, todo[position + 1]) if position + 1 < len(todo) else None
-            images, detections, result = self.detect(fetched)
-            del fetched
-            if pending_write is not None:
-                yield pending_write.result()
-            pending_write = self._writer.submit(self.write, images, detections, result)
-        if pending_write is not None:
-            yield pending_write.result()
-
-    def close(self) -> None:
-        self._writer.shutdown(wait=True)
-        self._prefetcher.shutdown(wait=True)
-
     # ---------------------------------------------------------------------------- helpers
+
+    def _tables(
+        self, fetched: FetchedShard, outputs: list[dict[str, torch.Tensor] | None]
+    ) -> tuple[pa.Table, pa.Table]:
+        """One ``images`` row per decoded item (ok or error), one ``detections`` row per box;
+        ``outputs[i]``: the detections of ``fetched.decoded[i]`` (None for an error)."""
+        shard = fetched.shard.name
+        image_rows: list[dict[str, Any]] = []
+        columns: dict[str, list] = {name: [] for name in DETECTIONS_SCHEMA.names}
+        for item, out in zip(fetched.decoded, outputs):
+            if isinstance(item, DecodeError):
+                image_rows.append(self._image_row(item.image_id, shard, None, None, "error", item.message, 0))
+                continue
+            count = len(out["scores"])
+            image_rows.append(self._image_row(item.image_id, shard, item.width, item.height, "ok", None, count))
+            if not count:
+                continue
+            labels = out["labels"].tolist()
+            columns["image_id"] += [item.image_id] * count
+            columns["shard"] += [shard] * count
+            columns["label"] += labels
+            columns["label_name"] += [self._label_name(label) for label in labels]
+            columns["score"] += out["scores"].tolist()
+            for column, values in zip(("x1", "y1", "x2", "y2"), out["boxes"].numpy().T):
+                columns[column] += values.tolist()
+            columns["run_id"] += [self.run_id] * count
+            columns["model_id"] += [self.model_id] * count
+        images = pa.Table.from_pylist(image_rows, schema=IMAGES_SCHEMA)
+        return images, pa.Table.from_pydict(columns, schema=DETECTIONS_SCHEMA)
 
     def _label_name(self, label: int) -> str | None:
         return self.class_names[label] if 0 <= label < len(self.class_names) else None
@@ -262,8 +224,3 @@ class ShardWorker:
             "run_id": self.run_id,
             "model_id": self.model_id,
         }
-
-
-def shard_tasks(shards: Sequence[Any]) -> list[ShardTask]:
-    """Tasks for a dataset's ``ShardInfo`` list."""
-    return [ShardTask(s.name, s.uri) for s in shards]

@@ -7,13 +7,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline import storage
-from pipeline.outputs import (
-    DETECTIONS_SCHEMA,
-    IMAGES_SCHEMA,
-    AlreadyCommitted,
-    OutputStore,
-    to_parquet_bytes,
-)
+from pipeline.outputs import DETECTIONS_SCHEMA, IMAGES_SCHEMA, OutputStore, to_parquet_bytes
 from pipeline.query import query
 
 
@@ -86,21 +80,20 @@ def test_committed_shards_are_never_rewritten(storage_root: str) -> None:
     store.write_shard("shard-00000", *output_tables("shard-00000", ["a"]), {"run_id": "run-1"})
     before = {table: storage.read_bytes(store.file_uri(table, "shard-00000")) for table in ("images", "detections")}
 
-    # A re-run: every shard that is not committed is (re)written, the committed one is left alone.
+    # A re-run: every shard that is not committed is (re)written, the committed one is left alone
+    # (the rule lives in the run's plan and in the worker: write_shard writes what it is given).
     for shard in ("shard-00000", "shard-00001"):
         if not store.is_committed(shard):
             store.write_shard(shard, *output_tables(shard, ["b"], run_id="run-2"), {"run_id": "run-2"})
-    with pytest.raises(AlreadyCommitted, match="shard-00000 is already committed"):
-        store.write_shard("shard-00000", *output_tables("shard-00000", ["a"], run_id="run-2"), {"run_id": "run-2"})
     for table, data in before.items():
         assert storage.read_bytes(store.file_uri(table, "shard-00000")) == data
     records = store.committed_shards()
     assert records["shard-00000"]["run_id"] == "run-1" and records["shard-00001"]["run_id"] == "run-2"
 
-    store.write_shard(
-        "shard-00000", *output_tables("shard-00000", ["z"], run_id="run-3"), {"run_id": "run-3"}, overwrite=True
-    )
+    # Written anyway, a shard's files and record are replaced whole, never added to.
+    store.write_shard("shard-00000", *output_tables("shard-00000", ["z"], run_id="run-3"), {"run_id": "run-3"})
     assert store.read_table("images", ["shard-00000"]).column("image_id").to_pylist() == ["z"]
+    assert store.committed_shards()["shard-00000"]["run_id"] == "run-3"
 
 
 def test_tables_keep_their_schemas_and_the_manifest_round_trips(storage_root: str) -> None:

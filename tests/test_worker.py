@@ -1,11 +1,18 @@
 """The shard worker in-process (no Ray): outputs equal the model's on each image, in pixels of the
-displayed image; every input image gets exactly one ``images`` row; lineage; committed shards are
-skipped; fetch and write overlap detection in ``process_shards``."""
+displayed image; every input image gets exactly one ``images`` row; lineage and where the shard was
+done; committed shards are skipped; the job spec refuses invalid settings. The in-process distributor
+(``executor="local"``): one worker, two threads, fetch of one shard overlapping detection of
+another, and no Ray."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import os
+import socket
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -17,13 +24,17 @@ from PIL import Image
 
 from detector import build_detector, load_checkpoint, save_checkpoint
 from detector.synthetic import CATEGORIES
+from pipeline import worker as worker_module
 from pipeline.dataset import open_dataset
 from pipeline.decode import DecodedImage, decode_image
+from pipeline.inference import run_inference
 from pipeline.ingest import ingest_images, ingest_synthetic
+from pipeline.jobs import InferenceSpec
 from pipeline.outputs import OutputStore
 from pipeline.storage import StorageError
-from pipeline.worker import ShardWorker, shard_tasks
+from pipeline.worker import ShardResult, ShardWorker
 
+REPO = Path(__file__).resolve().parents[1]
 EXIF_ORIENTATION_TAG = 0x0112
 # (name, stored width, stored height); the JPEG is stored landscape and displayed portrait.
 IMAGE_SIZES = [("a.png", 160, 96), ("b.png", 96, 160), ("c.png", 128, 128), ("d.png", 200, 80)]
@@ -75,6 +86,17 @@ def mixed_dataset(tmp_path_factory) -> tuple[str, dict[str, bytes]]:
     return dataset.uri, files
 
 
+def _worker(model_file: Path, data_uri: str, out_uri: str, *, run_id: str | None = None, **settings) -> ShardWorker:
+    """A worker for the job "``model_file`` over ``data_uri`` into ``out_uri``", on the CPU unless
+    ``settings`` say otherwise."""
+    spec = InferenceSpec(data_uri, out_uri, str(model_file), **{"device": "cpu", **settings})
+    return ShardWorker(spec, run_id=run_id)
+
+
+def _process_all(worker: ShardWorker, data_uri: str) -> list[ShardResult]:
+    return [worker.process(shard) for shard in open_dataset(data_uri).shards]
+
+
 def _detections_by_image(out_uri: str) -> dict[str, list[dict]]:
     by_image: dict[str, list[dict]] = {}
     for row in OutputStore(out_uri).read_table("detections").to_pylist():
@@ -85,9 +107,7 @@ def _detections_by_image(out_uri: str) -> dict[str, list[dict]]:
 def test_outputs_equal_the_model_on_each_displayed_image(model_file, mixed_dataset, tmp_path) -> None:
     data_uri, files = mixed_dataset
     out_uri = f"file://{tmp_path}/out"
-    worker = ShardWorker(str(model_file), out_uri, device="cpu", batch_size=1)
-    results = list(worker.process_shards(shard_tasks(open_dataset(data_uri).shards)))
-    worker.close()
+    results = _process_all(_worker(model_file, data_uri, out_uri, batch_size=1), data_uri)
     assert sum(r.num_images for r in results) == len(files)
     assert sum(r.num_errors for r in results) == 1
 
@@ -127,9 +147,7 @@ def test_batching_does_not_change_detections(model_file, tmp_path) -> None:
     outputs = {}
     for batch_size in (1, 4):
         out_uri = f"file://{tmp_path}/out-{batch_size}"
-        worker = ShardWorker(str(model_file), out_uri, device="cpu", batch_size=batch_size)
-        worker.process(shard_tasks(dataset.shards)[0])
-        worker.close()
+        _worker(model_file, dataset.uri, out_uri, batch_size=batch_size).process(dataset.shards[0])
         outputs[batch_size] = _detections_by_image(out_uri)
     assert sorted(outputs[1]) == sorted(outputs[4])
     for image_id, single in outputs[1].items():
@@ -143,9 +161,8 @@ def test_batching_does_not_change_detections(model_file, tmp_path) -> None:
 def test_lineage_and_commit_record(model_file, tmp_path) -> None:
     dataset = ingest_synthetic(f"file://{tmp_path}/data", num_images=4, image_size=64, shard_size=4)
     out_uri = f"file://{tmp_path}/out"
-    worker = ShardWorker(str(model_file), out_uri, run_id="run-1", device="cpu")
-    result = worker.process(shard_tasks(dataset.shards)[0])
-    worker.close()
+    worker = _worker(model_file, dataset.uri, out_uri, run_id="run-1")
+    result = worker.process(dataset.shards[0])
     assert worker.model_id == hashlib.sha256(model_file.read_bytes()).hexdigest()[:16]
     store = OutputStore(out_uri)
     for table in ("images", "detections"):
@@ -155,6 +172,8 @@ def test_lineage_and_commit_record(model_file, tmp_path) -> None:
     assert record["run_id"] == "run-1" and record["model_id"] == worker.model_id
     assert record["num_images"] == result.num_images == 4
     assert record["num_detections"] == result.num_detections == store.read_table("detections").num_rows
+    assert record["node"] == socket.gethostname() and record["worker"] == f"{socket.gethostname()}:{os.getpid()}"
+    assert set(record["timings"]) == {"read", "decode", "detect"}  # the write is timed after its record
 
 
 def test_score_threshold_overrides_the_checkpoint(model_file, tmp_path) -> None:
@@ -162,9 +181,7 @@ def test_score_threshold_overrides_the_checkpoint(model_file, tmp_path) -> None:
     counts = {}
     for threshold in (None, 0.3):
         out_uri = f"file://{tmp_path}/out-{threshold}"
-        worker = ShardWorker(str(model_file), out_uri, device="cpu", score_threshold=threshold)
-        worker.process(shard_tasks(dataset.shards)[0])
-        worker.close()
+        _worker(model_file, dataset.uri, out_uri, score_threshold=threshold).process(dataset.shards[0])
         scores = OutputStore(out_uri).read_table("detections").column("score").to_pylist()
         counts[threshold] = len(scores)
         if threshold is not None:
@@ -175,63 +192,98 @@ def test_score_threshold_overrides_the_checkpoint(model_file, tmp_path) -> None:
 def test_committed_shards_are_skipped(model_file, tmp_path) -> None:
     dataset = ingest_synthetic(f"file://{tmp_path}/data", num_images=6, image_size=64, shard_size=2)
     out_uri = f"file://{tmp_path}/out"
-    tasks = shard_tasks(dataset.shards)
-    worker = ShardWorker(str(model_file), out_uri, device="cpu")
-    worker.process(tasks[1])
+    worker = _worker(model_file, dataset.uri, out_uri)
+    worker.process(dataset.shards[1])
     written = (tmp_path / "out" / "images" / "shard-00001.parquet").stat().st_mtime_ns
-    assert worker.process(tasks[1]).skipped
-    assert [r.shard for r in worker.process_shards(tasks)] == ["shard-00000", "shard-00002"]
-    worker.close()
+    assert worker.process(dataset.shards[1]).skipped
+    results = _process_all(worker, dataset.uri)
+    assert [(r.shard, r.skipped) for r in results] == [
+        ("shard-00000", False),
+        ("shard-00001", True),
+        ("shard-00002", False),
+    ]
     assert (tmp_path / "out" / "images" / "shard-00001.parquet").stat().st_mtime_ns == written
     assert OutputStore(out_uri).committed_names() == {"shard-00000", "shard-00001", "shard-00002"}
 
 
-def test_process_shards_overlaps_fetch_and_write_with_detection(model_file, tmp_path) -> None:
-    """Stage intervals recorded around the real stages: the fetch of shard n+1 and the write of
-    shard n-1 start before the detection of shard n ends."""
+def test_invalid_settings_are_refused(model_file, tmp_path) -> None:
+    out_uri = f"file://{tmp_path}/out"
+    data_uri = f"file://{tmp_path}/data"
+    for settings, message in (
+        ({"batch_size": 0}, "batch_size"),
+        ({"amp": "fp8"}, "amp"),
+        ({"amp": "auto"}, "amp"),  # the old spelling of "off" is gone
+        ({"device": "tpu"}, "device"),
+        ({"score_threshold": 1.5}, "score_threshold"),
+        ({"max_shard_attempts": 0}, "max_shard_attempts"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            InferenceSpec(data_uri, out_uri, str(model_file), **settings)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no usable CUDA"):
+            _worker(model_file, data_uri, out_uri, device="cuda")
+    with pytest.raises(StorageError, match="missing.pt") as missing:
+        _worker(tmp_path / "missing.pt", data_uri, out_uri)
+    assert not missing.value.transient
+
+
+def test_local_executor_overlaps_fetch_with_detection(model_file, tmp_path, monkeypatch) -> None:
+    """Stage intervals recorded around the real stages, detection made slow (device time): in
+    the order detections end, each shard's fetch starts before the previous shard's detection
+    ends — one thread fetches while the other holds the model."""
     dataset = ingest_synthetic(f"file://{tmp_path}/data", num_images=12, image_size=96, shard_size=3)
-    worker = ShardWorker(str(model_file), f"file://{tmp_path}/out", device="cpu", batch_size=3)
     intervals: dict[tuple[str, str], tuple[float, float]] = {}
     lock = threading.Lock()
 
     def timed(stage: str, method, shard_of):
-        def run(*args):
+        def run(self, *args):
             started = time.perf_counter()
-            value = method(*args)
+            value = method(self, *args)
             with lock:
                 intervals[(stage, shard_of(*args))] = (started, time.perf_counter())
             return value
 
         return run
 
-    worker.fetch = timed("fetch", worker.fetch, lambda task: task.name)
-    worker.detect = timed("detect", worker.detect, lambda fetched: fetched.task.name)
-    worker.write = timed("write", worker.write, lambda images, detections, result: result.shard)
-    results = list(worker.process_shards(shard_tasks(dataset.shards)))
-    worker.close()
+    def slow_detect_images(*args, **kwargs):
+        time.sleep(0.3)
+        return real_detect_images(*args, **kwargs)
 
-    names = [r.shard for r in results]
-    assert names == ["shard-00000", "shard-00001", "shard-00002", "shard-00003"]
-    assert all(set(r.timings) == {"read", "decode", "detect", "write"} for r in results)
-    for previous, current in zip(names, names[1:]):
-        assert intervals[("fetch", current)][0] < intervals[("detect", previous)][1], "prefetch overlaps"
-        assert intervals[("write", previous)][0] < intervals[("detect", current)][1], "write overlaps"
-
-
-def test_invalid_settings_are_refused(model_file, tmp_path) -> None:
+    real_detect_images = worker_module.detect_images
+    monkeypatch.setattr(worker_module, "detect_images", slow_detect_images)
+    monkeypatch.setattr(ShardWorker, "fetch", timed("fetch", ShardWorker.fetch, lambda shard: shard.name))
+    monkeypatch.setattr(ShardWorker, "detect", timed("detect", ShardWorker.detect, lambda fetched: fetched.shard.name))
     out_uri = f"file://{tmp_path}/out"
-    with pytest.raises(ValueError, match="batch size"):
-        ShardWorker(str(model_file), out_uri, batch_size=0)
-    with pytest.raises(ValueError, match="amp"):
-        ShardWorker(str(model_file), out_uri, amp="fp8")
-    with pytest.raises(ValueError, match="device"):
-        ShardWorker(str(model_file), out_uri, device="tpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="no usable CUDA"):
-            ShardWorker(str(model_file), out_uri, device="cuda")
-    with pytest.raises(StorageError, match="missing.pt") as missing:
-        ShardWorker(str(tmp_path / "missing.pt"), out_uri)
-    assert not missing.value.transient
+    spec = InferenceSpec(dataset.uri, out_uri, str(model_file), executor="local", device="cpu", batch_size=3)
+    summary = run_inference(spec)
+
+    assert summary.shards_done == 4 and summary.images == 12 and not summary.failed
+    assert summary.actor_restarts == 0
+    manifest = OutputStore(out_uri).read_manifest()
+    assert manifest["state"] == "finished" and manifest["settings"]["executor"] == "local"
+    assert all(set(shard["timings"]) == {"read", "decode", "detect"} for shard in manifest["shards"].values())
+    assert {shard["node"] for shard in manifest["shards"].values()} == {socket.gethostname()}
+    order = sorted(manifest["shards"], key=lambda name: intervals[("detect", name)][1])
+    for previous, current in zip(order, order[1:]):
+        assert intervals[("fetch", current)][0] < intervals[("detect", previous)][1], "fetch overlaps detection"
+
+
+def test_local_executor_never_imports_ray(model_file, tmp_path) -> None:
+    dataset = ingest_synthetic(f"file://{tmp_path}/data", num_images=4, image_size=64, shard_size=2)
+    code = f"""
+        import sys
+        from pipeline.inference import run_inference
+        from pipeline.jobs import InferenceSpec
+
+        spec = InferenceSpec({dataset.uri!r}, {f"file://{tmp_path}/out"!r}, {str(model_file)!r}, executor="local")
+        summary = run_inference(spec)
+        assert summary.shards_done == 2 and not summary.failed, summary
+        assert "ray" not in sys.modules, "the in-process executor imported Ray"
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -240,9 +292,7 @@ def test_cuda_matches_cpu(model_file, mixed_dataset, tmp_path) -> None:
     outputs = {}
     for device, amp in (("cpu", "off"), ("cuda", "off"), ("cuda", "bf16")):
         out_uri = f"file://{tmp_path}/out-{device}-{amp}"
-        worker = ShardWorker(str(model_file), out_uri, device=device, amp=amp, batch_size=1)
-        list(worker.process_shards(shard_tasks(open_dataset(data_uri).shards)))
-        worker.close()
+        _process_all(_worker(model_file, data_uri, out_uri, device=device, amp=amp, batch_size=1), data_uri)
         outputs[(device, amp)] = _detections_by_image(out_uri)
     cpu = outputs[("cpu", "off")]
     for key in (("cuda", "off"), ("cuda", "bf16")):
