@@ -13,6 +13,8 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from pipeline import storage
+from pipeline.jobs import ClusterSpec, DetectNewSpec, EvaluateSpec, InferenceSpec, IngestSpec, TrainSpec
+from pipeline.storage_config import StorageConfig
 
 T = TypeVar("T")
 
@@ -34,8 +36,19 @@ StorageOption = Annotated[
     typer.Option(
         "--storage-option",
         "-S",
-        help="fsspec storage option key=value for every URI of the command (repeatable), e.g. "
-        "client_kwargs.endpoint_url=http://minio:9000, anon=true.",
+        help="fsspec storage option key=value for the object-store URIs of the command (repeatable), e.g. "
+        "client_kwargs.endpoint_url=http://minio:9000, key=ID, secret=env:S3_SECRET (a secret may be given as "
+        "env:NAME or prefect-secret:NAME; literal secrets are used but never recorded).",
+    ),
+]
+RayAddress = Annotated[
+    str | None, typer.Option("--ray-address", help="Ray cluster to use (default: RAY_ADDRESS or a local one).")
+]
+SharedFs = Annotated[
+    bool,
+    typer.Option(
+        "--shared-fs",
+        help="Local paths are on a filesystem every Ray node mounts (NFS, Lustre): allow them on a multi-node cluster.",
     ),
 ]
 ShardSize = Annotated[int, typer.Option("--shard-size", min=1, help="Images per shard.")]
@@ -47,18 +60,22 @@ class OutputFormat(str, Enum):
     json = "json"
 
 
-def _apply_storage_options(pairs: list[str] | None, *uris: str) -> None:
+def _storage(pairs: list[str] | None) -> StorageConfig:
+    """The ``-S`` options of a command as the job's storage settings (secrets kept out of every
+    record: see pipeline.storage_config)."""
     try:
-        options = storage.parse_storage_options(pairs)
+        return StorageConfig.parse(pairs)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--storage-option") from exc
-    if options:
-        for protocol in {storage.protocol_of(u) for u in uris}:
-            storage.set_default_storage_options(protocol, options)
+
+
+def _cluster(ray_address: str | None, shared_fs: bool) -> ClusterSpec:
+    return ClusterSpec(ray_address=ray_address, shared_filesystem=shared_fs)
 
 
 def _run(action: Callable[[], T]) -> T:
-    """Run the command body; expected failures become one line on stderr and exit code 1."""
+    """Run the command body (spec validation included); expected failures become one line on
+    stderr and exit code 1."""
     try:
         return action()
     except (ValueError, FileNotFoundError, storage.StorageError) as exc:
@@ -97,10 +114,17 @@ def ingest_coco_command(
     """Ingest a COCO-format dataset (instances JSON + images) with its boxes and categories."""
     from flows.pipelines import ingest_flow
 
-    _apply_storage_options(storage_option, out_uri, images, annotations)
+    options = _storage(storage_option)
     result = _run(
         lambda: ingest_flow(
-            out_uri, source="coco", images_uri=images, annotations_uri=annotations, shard_size=shard_size
+            IngestSpec(
+                out_uri,
+                source="coco",
+                images_uri=images,
+                annotations_uri=annotations,
+                shard_size=shard_size,
+                storage=options,
+            )
         )
     )
     _print_dataset_summary(result)
@@ -119,9 +143,18 @@ def ingest_images_command(
     """Ingest every image file under a prefix (jpg, png, webp, bmp, gif, tiff; any case), unlabelled."""
     from flows.pipelines import ingest_flow
 
-    _apply_storage_options(storage_option, prefix_uri, out_uri)
+    options = _storage(storage_option)
     result = _run(
-        lambda: ingest_flow(out_uri, source="images", images_uri=prefix_uri, shard_size=shard_size, only_new=only_new)
+        lambda: ingest_flow(
+            IngestSpec(
+                out_uri,
+                source="images",
+                images_uri=prefix_uri,
+                shard_size=shard_size,
+                only_new=only_new,
+                storage=options,
+            )
+        )
     )
     _print_dataset_summary(result)
 
@@ -138,10 +171,18 @@ def synth_command(
     """Generate a synthetic dataset of simple shapes with exact boxes (deterministic by seed)."""
     from flows.pipelines import ingest_flow
 
-    _apply_storage_options(storage_option, out_uri)
+    options = _storage(storage_option)
     result = _run(
         lambda: ingest_flow(
-            out_uri, source="synthetic", num_images=images, seed=seed, image_size=image_size, shard_size=shard_size
+            IngestSpec(
+                out_uri,
+                source="synthetic",
+                num_images=images,
+                seed=seed,
+                image_size=image_size,
+                shard_size=shard_size,
+                storage=options,
+            )
         )
     )
     _print_dataset_summary(result)
@@ -158,8 +199,8 @@ def query_command(
     """Query committed outputs with DuckDB, e.g. "SELECT label_name, count(*) FROM detections GROUP BY 1"."""
     from pipeline.query import query
 
-    _apply_storage_options(storage_option, out_uri)
-    table = _run(lambda: query(out_uri, sql))
+    options = _storage(storage_option).resolve()
+    table = _run(lambda: query(out_uri, sql, options))
     if output_format is OutputFormat.json:
         typer.echo(json.dumps(table.to_pylist(), default=str, indent=2))
     elif output_format is OutputFormat.csv:
@@ -202,10 +243,16 @@ def show_command(
     """Draw images with their detections (boxes, labels, scores) into a PNG; small images are enlarged."""
     from pipeline.show import render_sheet
 
-    _apply_storage_options(storage_option, out_uri, out, *([dataset] if dataset else []))
+    options = _storage(storage_option).resolve()
     drawn = _run(
         lambda: render_sheet(
-            out_uri, image_ids, out, dataset_uri=dataset, score_threshold=score_threshold, columns=columns
+            out_uri,
+            image_ids,
+            out,
+            dataset_uri=dataset,
+            score_threshold=score_threshold,
+            columns=columns,
+            storage_options=options,
         )
     )
     for image in drawn["images"]:
@@ -223,8 +270,8 @@ def evaluate_command(
     from flows.pipelines import evaluate_flow
     from pipeline.evaluate import format_metrics
 
-    _apply_storage_options(storage_option, data_uri, out_uri)
-    metrics = _run(lambda: evaluate_flow(data_uri, out_uri))
+    options = _storage(storage_option)
+    metrics = _run(lambda: evaluate_flow(EvaluateSpec(data_uri, out_uri, storage=options)))
     typer.echo(format_metrics(metrics))
     typer.echo(f"\nwrote {storage.redact(storage.join(out_uri, 'metrics.json'))} and pr_curve.png")
 
@@ -241,31 +288,34 @@ def infer_command(
     score_threshold: Annotated[
         float | None, typer.Option("--score-threshold", min=0.0, max=1.0, help="Keep detections at least this sure.")
     ] = None,
-    ray_address: Annotated[
-        str | None, typer.Option("--ray-address", help="Ray cluster to use (default: RAY_ADDRESS or a local one).")
-    ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    local: Annotated[
+        bool, typer.Option("--local", help="Run in this process, without Ray (a laptop, a debugger).")
+    ] = False,
+    ray_address: RayAddress = None,
+    shared_fs: SharedFs = False,
     storage_option: StorageOption = None,
 ) -> None:
     """Batch inference on Ray: every uncommitted shard → detections, exactly once per shard."""
     from flows.pipelines import ShardsFailed, inference_flow
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise typer.BadParameter("must be auto, cpu or cuda", param_hint="--device")
-    _apply_storage_options(storage_option, data_uri, out_uri, model)
+    options = _storage(storage_option)
 
-    def run() -> dict[str, Any]:
+    def run(on_progress: Callable[[Any], None] | None) -> dict[str, Any]:
+        spec = InferenceSpec(
+            data_uri,
+            out_uri,
+            model,
+            workers=workers,
+            batch_size=batch_size,
+            score_threshold=score_threshold,
+            device=device,
+            executor="local" if local else "ray",
+            cluster=_cluster(ray_address, shared_fs),
+            storage=options,
+        )
         try:
-            return inference_flow(
-                data_uri,
-                out_uri,
-                model,
-                workers=workers,
-                batch_size=batch_size,
-                score_threshold=score_threshold,
-                device=device,
-                ray_address=ray_address,
-            )
+            return inference_flow(spec, on_progress)
         except ShardsFailed as failed:
             return failed.summary
 
@@ -301,27 +351,28 @@ def detect_new_command(
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="Ray actors.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 8,
     shard_size: ShardSize = 256,
-    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Ray cluster to use.")] = None,
+    ray_address: RayAddress = None,
+    shared_fs: SharedFs = False,
     storage_option: StorageOption = None,
 ) -> None:
     """Incremental run (what the nightly deployment does): ingest only images not in the dataset yet,
     detect only in uncommitted shards. Over an unchanged prefix it does no work."""
     from flows.pipelines import ShardsFailed, detect_new_images_flow
 
-    _apply_storage_options(storage_option, images_uri, dataset_uri, out_uri, model)
+    options = _storage(storage_option)
 
-    def run() -> dict[str, Any]:
+    def run(on_progress: Callable[[Any], None] | None) -> dict[str, Any]:
+        inference = InferenceSpec(
+            dataset_uri,
+            out_uri,
+            model,
+            workers=workers,
+            batch_size=batch_size,
+            cluster=_cluster(ray_address, shared_fs),
+            storage=options,
+        )
         try:
-            return detect_new_images_flow(
-                images_uri,
-                dataset_uri,
-                out_uri,
-                model,
-                shard_size=shard_size,
-                workers=workers,
-                batch_size=batch_size,
-                ray_address=ray_address,
-            )
+            return detect_new_images_flow(DetectNewSpec(images_uri, inference, shard_size=shard_size), on_progress)
         except ShardsFailed as failed:
             return {"new_images": None, "inference": failed.summary}
 
@@ -346,38 +397,47 @@ def train_command(
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Optimizer steps instead of epochs.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per worker per step.")] = 4,
     lr: Annotated[float, typer.Option("--lr", min=0.0, help="Learning rate per 16 images (scaled).")] = 0.02,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of initialisation and data order.")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint.")] = False,
     val: Annotated[str | None, typer.Option("--val", help="Validation dataset (mAP after training).")] = None,
-    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Ray cluster to use.")] = None,
     checkpoint_every: Annotated[
         int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")
     ] = 100,
+    ray_address: RayAddress = None,
+    shared_fs: SharedFs = False,
     storage_option: StorageOption = None,
 ) -> None:
     """Train a Faster R-CNN with DDP on Ray Train; checkpoints and metrics in object storage."""
     from flows.pipelines import train_and_evaluate_flow, train_flow
 
-    if epochs is not None and steps is not None:
-        raise typer.BadParameter("give --epochs or --steps, not both", param_hint="--steps")
-    _apply_storage_options(storage_option, data_uri, model_out_uri, *([val] if val else []))
-    settings = {
-        "preset": preset,
-        "workers": workers,
-        "epochs": epochs,
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "ray_address": ray_address,
-        "checkpoint_every": checkpoint_every,
-    }
-    if val:
-        if resume or num_classes is not None:
-            raise typer.BadParameter("--val trains from scratch with the dataset's classes", param_hint="--val")
-        result = _run(lambda: train_and_evaluate_flow(data_uri, val, model_out_uri, **settings))
-        summary, metrics = result["training"], result["metrics"]
-    else:
-        summary = _run(lambda: train_flow(data_uri, model_out_uri, num_classes=num_classes, resume=resume, **settings))
-        metrics = None
+    if val and (resume or num_classes is not None):
+        raise typer.BadParameter("--val trains from scratch with the dataset's classes", param_hint="--val")
+    options = _storage(storage_option)
+
+    def run() -> dict[str, Any]:
+        spec = TrainSpec(
+            data_uri,
+            model_out_uri,
+            preset=preset,
+            num_classes=num_classes,
+            workers=workers,
+            epochs=epochs,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            resume=resume,
+            val_uri=val,
+            checkpoint_every=checkpoint_every,
+            cluster=_cluster(ray_address, shared_fs),
+            storage=options,
+        )
+        if val:
+            return train_and_evaluate_flow(spec)
+        return {"training": train_flow(spec), "metrics": None}
+
+    result = _run(run)
+    summary, metrics = result["training"], result["metrics"]
     typer.echo(
         f"steps       {summary['steps']} ({summary['epochs_seen']:.2f} epochs) in {summary['seconds']:.0f} s, "
         f"{summary['images_per_s_per_worker']:.1f} images/s per worker\n"
@@ -386,44 +446,34 @@ def train_command(
         f"metrics     {storage.redact(summary['metrics_uri'])} (and loss_curves.png)\n"
         f"next        detectflow infer DATA_URI OUT_URI --model {storage.redact(summary['model_uri'])}"
     )
+    nodes = summary.get("worker_nodes") or {}
+    if nodes:
+        typer.echo(f"workers     {len(nodes)} on {len(set(nodes.values()))} nodes")
     if metrics:
         typer.echo(f"validation  AP {metrics['AP']:.3f}  AP50 {metrics['AP50']:.3f}  AP75 {metrics['AP75']:.3f}")
 
 
-def _with_progress(run: Callable[[], T]) -> T:
-    """A rich progress bar on a terminal; otherwise the flow's own log lines."""
-    if sys.stderr.isatty():
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+def _with_progress(run: Callable[[Callable[[Any], None] | None], T]) -> T:
+    """``run(on_progress)`` with a rich progress bar on a terminal; elsewhere the flow's own log
+    lines (every 10 s) are the progress."""
+    if not sys.stderr.isatty():
+        return run(None)
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.fields[stats]}"),
-            TimeElapsedColumn(),
-            transient=True,
-        ) as bar:
-            task = bar.add_task("shards", total=None, stats="")
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[stats]}"), TimeElapsedColumn()
+    ) as bar:
+        task = bar.add_task("shards", total=None, stats="")
 
-            def update(summary: Any) -> None:
-                bar.update(
-                    task,
-                    total=summary.shards_total,
-                    completed=summary.shards_done + summary.shards_skipped,
-                    stats=f"{summary.images_per_s:.1f} img/s, {summary.errors} errors",
-                )
+        def update(summary: Any) -> None:
+            bar.update(
+                task,
+                total=summary.shards_total,
+                completed=summary.shards_done + summary.shards_skipped,
+                stats=f"{summary.images_per_s:.1f} img/s, {summary.errors} errors",
+            )
 
-            return _hooked(update, run)
-    return run()  # the flow logs a progress line every 10 s
-
-
-def _hooked(hook: Callable[[Any], None], run: Callable[[], T]) -> T:
-    from flows import pipelines
-
-    pipelines.progress_hook = hook
-    try:
-        return run()
-    finally:
-        pipelines.progress_hook = None
+        return run(update)
 
 
 def main() -> None:

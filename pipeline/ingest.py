@@ -23,6 +23,7 @@ from PIL import Image
 from . import storage
 from .dataset import DEFAULT_SHARD_SIZE, Dataset, DatasetWriter, known_sources, open_dataset
 from .decode import DecodeError, probe
+from .jobs import IngestSpec
 from .storage import StorageOptions
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -120,6 +121,23 @@ def ingest_coco(
         shard_size=shard_size,
         storage_options=storage_options,
     )
+    images = _coco_images(coco, writer)
+    annotations_of = _coco_annotations(coco, {image["id"] for image in images}, writer)
+    uris = (storage.join(images_uri, image["file_name"]) for image in images)
+    for done, (image, (uri, data)) in enumerate(zip(images, read_many(uris, storage_options)), start=1):
+        image_id = str(image["id"])
+        if isinstance(data, storage.StorageError):
+            reason = "missing file" if not data.transient else f"unreadable: {data}"
+            writer.reject(f"image {image_id} ({image['file_name']})", reason)
+        else:
+            _add_coco_image(writer, image, image_id, uri, data, annotations_of.pop(image["id"], []), label_of)
+        if progress is not None:
+            progress(done)
+    return writer.close()
+
+
+def _coco_images(coco: Any, writer: DatasetWriter) -> list[dict]:
+    """The usable image entries of a COCO JSON; the others rejected with the reason."""
     images: list[dict] = []
     first_file_of: dict[Any, str] = {}
     for position, image in enumerate(coco["images"]):
@@ -133,7 +151,11 @@ def ingest_coco(
         else:
             first_file_of[image["id"]] = image["file_name"]
             images.append(image)
+    return images
 
+
+def _coco_annotations(coco: Any, image_ids: set[Any], writer: DatasetWriter) -> dict[Any, list[dict]]:
+    """The annotations of a COCO JSON by image id; those without a usable id or image rejected."""
     annotations_of: dict[Any, list[dict]] = defaultdict(list)
     annotation_ids: set[Any] = set()
     for position, annotation in enumerate(coco["annotations"]):
@@ -141,24 +163,13 @@ def ingest_coco(
             writer.reject(f"annotations[{position}]", "an annotation needs an integer or string id")
         elif annotation["id"] in annotation_ids:
             writer.reject(f"annotation {annotation['id']}", "duplicate annotation id (the first one is kept)")
-        elif not _is_id(annotation.get("image_id")) or annotation["image_id"] not in first_file_of:
+        elif not _is_id(annotation.get("image_id")) or annotation["image_id"] not in image_ids:
             annotation_ids.add(annotation["id"])
             writer.reject(f"annotation {annotation['id']}", f"refers to unknown image {annotation.get('image_id')}")
         else:
             annotation_ids.add(annotation["id"])
             annotations_of[annotation["image_id"]].append(annotation)
-
-    uris = (storage.join(images_uri, image["file_name"]) for image in images)
-    for done, (image, (uri, data)) in enumerate(zip(images, read_many(uris, storage_options)), start=1):
-        image_id = str(image["id"])
-        if isinstance(data, storage.StorageError):
-            reason = "missing file" if not data.transient else f"unreadable: {data}"
-            writer.reject(f"image {image_id} ({image['file_name']})", reason)
-        else:
-            _add_coco_image(writer, image, image_id, uri, data, annotations_of.pop(image["id"], []), label_of)
-        if progress is not None:
-            progress(done)
-    return writer.close()
+    return annotations_of
 
 
 def _is_id(value: Any) -> bool:
@@ -356,3 +367,37 @@ def ingest_synthetic(
         if progress is not None:
             progress(index + 1)
     return writer.close()
+
+
+# --------------------------------------------------------------------------------- the job
+
+
+def ingest(spec: IngestSpec, progress: Progress = None) -> Dataset:
+    """Run an ingest job: ``spec.source`` decides which of the ingesters above reads the input."""
+    if spec.source == "coco":
+        return ingest_coco(
+            spec.images_uri,
+            spec.annotations_uri,
+            spec.out_uri,
+            shard_size=spec.shard_size,
+            storage_options=spec.storage,
+            progress=progress,
+        )
+    if spec.source == "images":
+        return ingest_images(
+            spec.images_uri,
+            spec.out_uri,
+            shard_size=spec.shard_size,
+            only_new=spec.only_new,
+            storage_options=spec.storage,
+            progress=progress,
+        )
+    return ingest_synthetic(
+        spec.out_uri,
+        num_images=spec.num_images,
+        seed=spec.seed,
+        image_size=spec.image_size,
+        shard_size=spec.shard_size,
+        storage_options=spec.storage,
+        progress=progress,
+    )

@@ -20,7 +20,7 @@ from .outputs import DETECTIONS, IMAGES, SCHEMAS, OutputStore
 from .storage import StorageOptions
 
 
-def connect(out_uri: str, storage_options: StorageOptions | None = None) -> duckdb.DuckDBPyConnection:
+def open_views(out_uri: str, storage_options: StorageOptions | None = None) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the views ``detections`` and ``images`` registered."""
     store = OutputStore(out_uri, storage_options)
     connection = duckdb.connect()
@@ -49,7 +49,7 @@ def query(
 
     ``parameters`` fill the query's ``?`` placeholders (values are never spliced into the SQL).
     """
-    connection = connect(out_uri, storage_options)
+    connection = open_views(out_uri, storage_options)
     try:
         return connection.sql(sql, params=list(parameters) if parameters is not None else None).to_arrow_table()
     except duckdb.Error as exc:

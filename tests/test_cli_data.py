@@ -16,8 +16,8 @@ from flows.cli import app, ingest_coco_command, ingest_images_command, synth_com
 from pipeline import storage
 from pipeline.dataset import DEFAULT_SHARD_SIZE
 from pipeline.outputs import OutputStore
-from pipeline.seaweed import READER_ACCESS_KEY, READER_SECRET_KEY
 from tests.corpus import write_bad_input_corpus
+from tests.seaweed import READER_ACCESS_KEY, READER_SECRET_KEY
 from tests.test_outputs import output_tables
 
 # the CLI runs through Prefect flows: they report to the session's Prefect server
@@ -129,15 +129,13 @@ def test_storage_options_reach_the_storage_layer(s3_server, tmp_path) -> None:
     """The environment holds full-access keys; a read-only key given with -S must be the one used."""
     bucket = s3_server.new_bucket("cli")
     read_only = ["-S", f"key={READER_ACCESS_KEY}", "-S", f"secret={READER_SECRET_KEY}"]
-    previous = storage.default_storage_options().get("s3", {})
-    try:
-        result = runner.invoke(app, ["synth", f"{bucket}/ds", "--images", "1", "--image-size", "32", *read_only])
-        assert result.exit_code == 1, result.output
-        assert result.output.startswith("error: writing s3://") and "Traceback" not in result.output
-        assert READER_SECRET_KEY not in result.output
-        assert not storage.exists(f"{bucket}/ds/dataset.json")
-    finally:
-        storage.set_default_storage_options("s3", previous)
+    result = runner.invoke(app, ["synth", f"{bucket}/ds", "--images", "1", "--image-size", "32", *read_only])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("error: writing s3://") and "Traceback" not in result.output
+    assert "access denied" in result.output
+    assert READER_SECRET_KEY not in result.output
+    assert not storage.exists(f"{bucket}/ds/dataset.json")
+    # nothing of one command stays behind for the next: the environment's full-access keys work again
     result = runner.invoke(app, ["synth", f"{bucket}/ds", "--images", "1", "--image-size", "32"])
     assert result.exit_code == 0, result.output
 
@@ -152,3 +150,25 @@ def test_console_script_runs(tmp_path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "2 in 1 shards" in result.stdout
+
+
+def test_storage_errors_name_the_cause_not_a_missing_dataset(s3_server, monkeypatch) -> None:
+    """Wrong credentials, an unreachable endpoint, a wrong bucket: the error says which, with the
+    endpoint, and never blames the dataset."""
+    bucket = s3_server.new_bucket("cause")
+    assert runner.invoke(app, ["synth", f"{bucket}/ds", "--images", "1", "--image-size", "32"]).exit_code == 0
+    monkeypatch.setattr(storage, "RETRY_ATTEMPTS", 1)
+    endpoint = f"client_kwargs.endpoint_url={s3_server.endpoint_url}"
+    cases = {
+        "access denied": [f"{bucket}/ds", "-S", "key=detectflow", "-S", "secret=not-the-secret", "-S", endpoint],
+        "could not connect": [f"{bucket}/ds", "-S", "client_kwargs.endpoint_url=http://127.0.0.1:9"],
+        "no such bucket": [f"s3://detectflow-no-such-bucket-{bucket[-6:]}/ds", "-S", endpoint],
+    }
+    for cause, (data_uri, *options) in cases.items():
+        result = runner.invoke(app, ["infer", data_uri, f"{bucket}/out", "--model", f"{bucket}/m.pt", *options])
+        assert result.exit_code == 1, result.output
+        last = result.output.strip().splitlines()[-1]
+        assert last.startswith("error: ") and cause in last and "no dataset" not in last, (cause, result.output)
+        assert "not-the-secret" not in result.output
+        if cause == "could not connect":
+            assert "(endpoint http://127.0.0.1:9)" in last

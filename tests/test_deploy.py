@@ -69,12 +69,18 @@ def test_prefect_yaml_deployments_reference_real_flows_with_valid_parameters() -
 
 def test_prefect_yaml_rejects_a_wrong_parameter() -> None:
     """The check above can fail: a parameter the flow does not take is refused."""
-    from prefect.exceptions import ParameterTypeError
+    from prefect.exceptions import ParameterTypeError, SignatureMismatchError
 
     from flows.pipelines import inference_flow
 
+    spec = {"data_uri": "s3://a/d", "out_uri": "s3://a/o", "model_uri": "s3://a/m.pt"}
+    inference_flow.validate_parameters({"spec": spec})
     with pytest.raises(ParameterTypeError):
-        inference_flow.validate_parameters({"data_uri": "a", "out_uri": "b", "model_uri": "c", "batch_size": "x"})
+        inference_flow.validate_parameters({"spec": {**spec, "batch_size": "x"}})  # a type
+    with pytest.raises(ParameterTypeError, match="batch_size must be ≥ 1"):
+        inference_flow.validate_parameters({"spec": {**spec, "batch_size": 0}})  # the spec's own validation
+    with pytest.raises(SignatureMismatchError):
+        inference_flow.validate_parameters({"data_uri": "s3://a/d"})  # the old flat parameters
 
 
 def test_ray_cluster_file() -> None:

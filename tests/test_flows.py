@@ -18,6 +18,7 @@ from PIL import Image
 from detector import build_detector, save_checkpoint
 from detector.synthetic import CATEGORIES, make_image
 from pipeline import storage
+from pipeline.jobs import ClusterSpec, DetectNewSpec, EvaluateSpec, InferenceSpec, IngestSpec
 from pipeline.outputs import OutputStore
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -67,14 +68,14 @@ def test_ingest_infer_evaluate_flows_record_states_and_artifacts(s3_server, ray_
 
     bucket = s3_server.new_bucket("flows")
     ingest_state = ingest_flow(
-        bucket + "/data", source="synthetic", num_images=12, image_size=64, shard_size=4, return_state=True
+        IngestSpec(bucket + "/data", source="synthetic", num_images=12, image_size=64, shard_size=4),
+        return_state=True,
     )
     assert ingest_state.is_completed()
     assert ingest_state.result()["images"] == 12
 
-    state = inference_flow(
-        bucket + "/data", bucket + "/out", model_uri, workers=1, ray_address=ray_local, return_state=True
-    )
+    spec = InferenceSpec(bucket + "/data", bucket + "/out", model_uri, workers=1, cluster=ClusterSpec(ray_local))
+    state = inference_flow(spec, return_state=True)
     assert state.is_completed(), state.message
     summary = state.result()
     assert summary["images"] == 12 and summary["shards_done"] == 3 and not summary["failed"]
@@ -92,7 +93,7 @@ def test_ingest_infer_evaluate_flows_record_states_and_artifacts(s3_server, ray_
     assert "/out/_manifest.json" in artifacts["outputs"].data
     assert {t.name.split("-")[0] for t in _task_runs(flow_run_id)} >= {"pending", "infer"}
 
-    metrics_state = evaluate_flow(bucket + "/data", bucket + "/out", return_state=True)
+    metrics_state = evaluate_flow(EvaluateSpec(bucket + "/data", bucket + "/out"), return_state=True)
     assert metrics_state.is_completed()
     artifacts = _artifacts(metrics_state.state_details.flow_run_id)
     assert {"coco-metrics", "per-class-ap", "metrics"} <= artifacts.keys()
@@ -105,10 +106,11 @@ def test_bad_parameters_fail_before_any_task(s3_server) -> None:
     from flows.pipelines import ingest_flow
 
     with pytest.raises(ParameterTypeError):
-        ingest_flow("s3://nowhere/x", source="ftp")  # not one of the Literal's values
-    state = ingest_flow("s3://nowhere/x", source="coco", images_uri="s3://nowhere/img", return_state=True)
-    assert state.is_failed() and "annotations_uri" in state.message
-    assert _task_runs(state.state_details.flow_run_id) == []
+        ingest_flow({"out_uri": "s3://nowhere/x", "source": "ftp"})  # not one of the Literal's values
+    with pytest.raises(ParameterTypeError, match="annotations_uri"):  # the spec's own check, before a run
+        ingest_flow({"out_uri": "s3://nowhere/x", "source": "coco", "images_uri": "s3://nowhere/img"})
+    with pytest.raises(ValueError, match="annotations_uri"):  # the same check when the caller builds the spec
+        IngestSpec("s3://nowhere/x", source="coco", images_uri="s3://nowhere/img")
 
 
 def test_transient_storage_failure_is_retried_by_the_task(s3_server, monkeypatch) -> None:
@@ -124,7 +126,8 @@ def test_transient_storage_failure_is_retried_by_the_task(s3_server, monkeypatch
     restarter.start()
     try:
         state = ingest_flow(
-            bucket + "/data", source="synthetic", num_images=6, image_size=64, shard_size=3, return_state=True
+            IngestSpec(bucket + "/data", source="synthetic", num_images=6, image_size=64, shard_size=3),
+            return_state=True,
         )
     finally:
         restarter.join()
@@ -138,12 +141,10 @@ def test_transient_storage_failure_is_retried_by_the_task(s3_server, monkeypatch
 def test_permanent_failure_is_not_retried(s3_server, monkeypatch) -> None:
     from flows.pipelines import ingest_flow
 
-    state = ingest_flow(
-        "s3://detectflow-no-such-bucket-x/data",
-        source="images",
-        images_uri="s3://detectflow-no-such-bucket-x/in",
-        return_state=True,
+    spec = IngestSpec(
+        "s3://detectflow-no-such-bucket-x/data", source="images", images_uri="s3://detectflow-no-such-bucket-x/in"
     )
+    state = ingest_flow(spec, return_state=True)
     assert state.is_failed()
     [task_run] = [t for t in _task_runs(state.state_details.flow_run_id) if t.name.startswith("ingest")]
     assert task_run.run_count == 1
@@ -162,15 +163,8 @@ def test_detect_new_images_is_incremental(s3_server, ray_local, model_uri) -> No
     bucket = s3_server.new_bucket("nightly")
     incoming, dataset, out = bucket + "/incoming", bucket + "/dataset", bucket + "/out"
     _put_images(incoming, 0, 12)
-    run = {
-        "images_uri": incoming,
-        "dataset_uri": dataset,
-        "out_uri": out,
-        "model_uri": model_uri,
-        "shard_size": 8,
-        "workers": 1,
-        "ray_address": ray_local,
-    }
+    inference = InferenceSpec(dataset, out, model_uri, workers=1, cluster=ClusterSpec(ray_local))
+    run = {"spec": DetectNewSpec(incoming, inference, shard_size=8)}
 
     first = detect_new_images_flow(**run)
     assert first["new_images"] == 12 and first["images_processed"] == 12
@@ -235,7 +229,7 @@ def test_deployment_from_prefect_yaml_runs_on_a_worker(s3_server) -> None:
     bucket = s3_server.new_bucket("deployed")
     flow_run = run_deployment(
         "ingest/ingest",
-        parameters={"out_uri": bucket + "/data", "source": "synthetic", "num_images": 5, "image_size": 64},
+        parameters={"spec": {"out_uri": bucket + "/data", "source": "synthetic", "num_images": 5, "image_size": 64}},
         timeout=0,  # do not wait: the worker below runs it
     )
     worker = subprocess.run(

@@ -19,8 +19,9 @@ from detector.synthetic import CATEGORIES
 from pipeline import storage
 from pipeline.ingest import ingest_synthetic
 from pipeline.outputs import OutputStore
-from pipeline.seaweed import free_port
+from tests.seaweed import SECRET_KEY, free_port
 
+SECRET_VARIABLE = "DETECTFLOW_TEST_S3_SECRET"
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
 
@@ -39,6 +40,9 @@ def head(s3_server):
     env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     head_env = {name: value for name, value in env.items() if not name.startswith("AWS_")}
+    # The head's machine holds the S3 secret in a variable of its own (as a cluster's nodes hold their
+    # credentials); a job names it as `-S secret=env:NAME` and never carries the value.
+    head_env[SECRET_VARIABLE] = SECRET_KEY
     subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
     dashboard, gcs_port = free_port(), free_port()
     process = subprocess.Popen(
@@ -123,7 +127,7 @@ def test_infer_as_a_ray_job_with_token_auth(head, s3_server, tmp_path) -> None:
         "--storage-option",
         f"key={options['key']}",
         "--storage-option",
-        f"secret={options['secret']}",
+        f"secret=env:{SECRET_VARIABLE}",
         "--storage-option",
         f"client_kwargs.endpoint_url={options['client_kwargs']['endpoint_url']}",
     ]
@@ -156,6 +160,18 @@ def test_infer_as_a_ray_job_with_token_auth(head, s3_server, tmp_path) -> None:
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     assert "succeeded" in submitted.stdout.lower()
     _assert_finished(out_uri)
+    # What Ray recorded of the job (its entrypoint, runtime_env, logs) names the secret, never holds it.
+    recorded = subprocess.run(
+        [RAY, "job", "list", "--address", head["url"]],
+        env=head["env"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert recorded.returncode == 0, recorded.stderr[-2000:]
+    assert f"env:{SECRET_VARIABLE}" in recorded.stdout and SECRET_KEY not in recorded.stdout
+    assert SECRET_KEY not in submitted.stdout + submitted.stderr  # the job's logs, as streamed back
+    assert SECRET_KEY not in storage.read_bytes(out_uri + "/_manifest.json").decode()
     # The job ran the inference flow: its run is on the session's Prefect server, completed.
     assert _completed_inference_flow_runs(out_uri) == 1
 
@@ -166,7 +182,7 @@ def _completed_inference_flow_runs(out_uri: str) -> int:
 
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["inference"])))
-    return sum(1 for run in runs if run.parameters.get("out_uri") == out_uri and run.state.is_completed())
+    return sum(1 for run in runs if run.parameters["spec"]["out_uri"] == out_uri and run.state.is_completed())
 
 
 def test_driver_environment_reaches_the_actors_of_a_remote_cluster(head, s3_server, tmp_path) -> None:
