@@ -11,6 +11,7 @@ import contextlib
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -55,37 +56,8 @@ def coco_metrics(gt: Sequence[ImageGT], dt: Sequence[ImageDT], class_names: Sequ
     if unknown:
         raise ValueError(f"detections for {len(unknown)} images without ground truth, e.g. {unknown[:3]}")
     categories = [{"id": label, "name": name} for label, name in enumerate(class_names) if label > 0]
-    images, annotations = [], []
-    for item in gt:
-        images.append({"id": index[item.image_id], "width": int(item.width), "height": int(item.height)})
-        crowd = np.asarray(item.iscrowd, dtype=bool).reshape(-1)
-        if crowd.size == 0:
-            crowd = np.zeros(len(item.labels), dtype=bool)
-        for box, label, is_crowd in zip(_xywh(item.boxes), np.asarray(item.labels).reshape(-1), crowd):
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": index[item.image_id],
-                    "category_id": int(label),
-                    "bbox": box.tolist(),
-                    "area": float(box[2] * box[3]),
-                    "iscrowd": int(is_crowd),
-                }
-            )
-    results = []
-    for item in dt:
-        for box, score, label in zip(
-            _xywh(item.boxes), np.asarray(item.scores).reshape(-1), np.asarray(item.labels).reshape(-1)
-        ):
-            results.append(
-                {
-                    "image_id": index[item.image_id],
-                    "category_id": int(label),
-                    "bbox": box.tolist(),
-                    "score": float(score),
-                }
-            )
-
+    images, annotations = _coco_ground_truth(gt, index)
+    results = _coco_results(dt, index)
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
         coco_gt.dataset = {"images": images, "annotations": annotations, "categories": categories}
@@ -116,12 +88,51 @@ def coco_metrics(gt: Sequence[ImageGT], dt: Sequence[ImageDT], class_names: Sequ
     }
 
 
+def _coco_ground_truth(gt: Sequence[ImageGT], index: dict[str, int]) -> tuple[list[dict], list[dict]]:
+    """COCO ``images`` and ``annotations`` entries of the ground truth (``index``: image id → COCO id)."""
+    images, annotations = [], []
+    for item in gt:
+        images.append({"id": index[item.image_id], "width": int(item.width), "height": int(item.height)})
+        crowd = np.asarray(item.iscrowd, dtype=bool).reshape(-1)
+        if crowd.size == 0:
+            crowd = np.zeros(len(item.labels), dtype=bool)
+        for box, label, is_crowd in zip(_xywh(item.boxes), np.asarray(item.labels).reshape(-1), crowd):
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": index[item.image_id],
+                    "category_id": int(label),
+                    "bbox": box.tolist(),
+                    "area": float(box[2] * box[3]),
+                    "iscrowd": int(is_crowd),
+                }
+            )
+    return images, annotations
+
+
+def _coco_results(dt: Sequence[ImageDT], index: dict[str, int]) -> list[dict]:
+    """COCO result entries of the detections."""
+    results = []
+    for item in dt:
+        scores, labels = np.asarray(item.scores).reshape(-1), np.asarray(item.labels).reshape(-1)
+        for box, score, label in zip(_xywh(item.boxes), scores, labels):
+            results.append(
+                {
+                    "image_id": index[item.image_id],
+                    "category_id": int(label),
+                    "bbox": box.tolist(),
+                    "score": float(score),
+                }
+            )
+    return results
+
+
 def evaluate(dataset_uri: str, out_uri: str, *, storage_options=None, write: bool = True) -> dict:
     """COCO metrics of the committed detections at ``out_uri`` against the ground truth of the
     dataset at ``dataset_uri`` (images of uncommitted shards are left out of both). Writes
     ``OUT_URI/metrics.json`` and a precision-recall plot ``OUT_URI/pr_curve.png`` when ``write``."""
     from . import storage
-    from .dataset import gt_targets, open_dataset, read_shard
+    from .dataset import open_dataset
     from .outputs import OutputStore
 
     dataset = open_dataset(dataset_uri, storage_options)
@@ -132,11 +143,25 @@ def evaluate(dataset_uri: str, out_uri: str, *, storage_options=None, write: boo
     shards = [s for s in dataset.shards if s.name in committed]
     if not shards:
         raise ValueError(f"no committed outputs of dataset {storage.redact(dataset_uri)} in {storage.redact(out_uri)}")
+    gt = _ground_truth(shards, storage_options)
+    dt = _detections_of(store.read_table("detections", [s.name for s in shards]), gt)
+    metrics = coco_metrics(gt, dt, dataset.class_names)
+    metrics["dataset"] = storage.redact(dataset.uri)
+    metrics["outputs"] = storage.redact(store.uri)
+    if write:
+        storage.write_json(storage.join(store.uri, "metrics.json"), metrics, storage_options)
+        storage.write_bytes(storage.join(store.uri, "pr_curve.png"), pr_curve_png(metrics), storage_options)
+    return metrics
+
+
+def _ground_truth(shards: Sequence[Any], storage_options: Any) -> list[ImageGT]:
+    """The ground truth of the images of ``shards`` (read without the image bytes)."""
+    from .dataset import gt_targets, read_shard
+
     gt = []
     for shard in shards:
-        table = read_shard(
-            shard.uri, ["image_id", "width", "height", "gt_boxes", "gt_labels", "gt_iscrowd"], storage_options
-        )
+        columns = ["image_id", "width", "height", "gt_boxes", "gt_labels", "gt_iscrowd"]
+        table = read_shard(shard.uri, columns, storage_options)
         for image_id, width, height, (boxes, labels, crowd) in zip(
             table.column("image_id").to_pylist(),
             table.column("width").to_pylist(),
@@ -144,7 +169,11 @@ def evaluate(dataset_uri: str, out_uri: str, *, storage_options=None, write: boo
             gt_targets(table),
         ):
             gt.append(ImageGT(image_id, width or 0, height or 0, boxes, labels, crowd))
-    detections = store.read_table("detections", [s.name for s in shards])
+    return gt
+
+
+def _detections_of(detections: Any, gt: list[ImageGT]) -> list[ImageDT]:
+    """The rows of a detections table grouped per ground-truth image (images without any: empty)."""
     by_image: dict[str, list[int]] = {}
     for row, image_id in enumerate(detections.column("image_id").to_pylist()):
         by_image.setdefault(image_id, []).append(row)
@@ -155,22 +184,8 @@ def evaluate(dataset_uri: str, out_uri: str, *, storage_options=None, write: boo
     )
     scores = detections.column("score").to_numpy()
     labels = detections.column("label").to_numpy()
-    dt = [
-        ImageDT(
-            item.image_id,
-            boxes[by_image.get(item.image_id, [])],
-            scores[by_image.get(item.image_id, [])],
-            labels[by_image.get(item.image_id, [])],
-        )
-        for item in gt
-    ]
-    metrics = coco_metrics(gt, dt, dataset.class_names)
-    metrics["dataset"] = storage.redact(dataset.uri)
-    metrics["outputs"] = storage.redact(store.uri)
-    if write:
-        storage.write_json(storage.join(store.uri, "metrics.json"), metrics, storage_options)
-        storage.write_bytes(storage.join(store.uri, "pr_curve.png"), pr_curve_png(metrics), storage_options)
-    return metrics
+    rows = [by_image.get(item.image_id, []) for item in gt]
+    return [ImageDT(item.image_id, boxes[r], scores[r], labels[r]) for item, r in zip(gt, rows)]
 
 
 def pr_curve_png(metrics: dict) -> bytes:
