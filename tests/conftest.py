@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import storage
-from pipeline.seaweed import SeaweedS3, restore_env
+from tests.seaweed import SeaweedS3, restore_env
 
 
 def _free_port() -> int:
