@@ -23,6 +23,7 @@ from _common import RESULTS, write_result  # noqa: E402
 
 from pipeline import storage  # noqa: E402
 from pipeline.ingest import ingest_synthetic  # noqa: E402
+from pipeline.jobs import TrainSpec  # noqa: E402
 from pipeline.training import train  # noqa: E402
 
 
@@ -44,9 +45,9 @@ def main() -> None:
         val_data = ingest_synthetic(f"file://{work}/val", num_images=200, seed=1, image_size=128, shard_size=100)
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
         started = time.perf_counter()
-        summary = train(
-            train_data.uri,
-            f"file://{work}/model",
+        spec = TrainSpec(
+            data_uri=train_data.uri,
+            model_out_uri=f"file://{work}/model",
             preset="tiny",
             workers=2,
             batch_size=args.batch_size,
@@ -59,6 +60,7 @@ def main() -> None:
             warmup_steps=50,
             hflip=args.hflip,
         )
+        summary = train(spec)
         wall = time.perf_counter() - started
         ray.shutdown()
         text = storage.read_bytes(summary.metrics_uri).decode()

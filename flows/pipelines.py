@@ -83,7 +83,7 @@ def _retry_condition(task_: Any, task_run: Any, state: Any) -> bool:
 
 RETRYING = {
     "retries": len(RETRY_DELAYS_S),
-    "retry_delay_seconds": RETRY_DELAYS_S,
+    "retry_delay_seconds": list(RETRY_DELAYS_S),
     "retry_condition_fn": _retry_condition,
     "cache_policy": NO_CACHE,
 }
