@@ -9,9 +9,16 @@ Layout at ``DATA_URI/``::
     …                             gt_labels, gt_iscrowd (null for unlabelled data)
 
 Shards are written whole and atomically, the descriptor last: a reader sees only complete shards,
-and an interrupted ingest leaves at most unlisted shard files that the next ingest overwrites.
-Writing a dataset where one exists (without ``append``) replaces it: once the new descriptor is
-written, shard files it does not list are deleted. One writer per dataset at a time.
+and an interrupted ingest leaves at most unlisted shard files that the next ingest overwrites (or,
+appending, deletes). Writing a dataset where one exists (without ``append``) replaces it: once the
+new descriptor is written, shard files it does not list are deleted.
+
+Writers that share a dataset: the ingests hold a lease on ``DATA_URI/_lease.json``
+(``pipeline.lease``), so one writes at a time. Appends are safe even without it: a new shard's name
+is taken by creating its file only if absent (two appenders never share a name), and the descriptor
+is replaced only if it is still the version the writer read (compare-and-swap); when another writer
+got there first, the newer descriptor is read again and this writer's shards are merged into it,
+leaving out rows whose ``image_id`` or source the other writer added meanwhile.
 
 Images are stored as they were (no decoding or re-encoding at ingest), in row groups of at most
 ``ROW_GROUP_SIZE`` images and ``ROW_GROUP_MAX_BYTES`` so that readers can stream a shard. The image
@@ -23,17 +30,23 @@ the write time).
 from __future__ import annotations
 
 import io
+import json
+import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import storage
+from .lease import Lease
 from .storage import StorageOptions
+
+log = logging.getLogger(__name__)
 
 FORMAT = "detectflow.dataset/1"
 DESCRIPTOR = "dataset.json"
@@ -50,6 +63,9 @@ ROW_GROUP_MAX_BYTES = 64 * 1024 * 1024
 RANGE_READ_BLOCK_BYTES = 1024 * 1024
 # Keep a list of at most this many names per descriptor list (counts are always exact).
 MAX_LISTED = 1000
+# Compare-and-swap attempts of a descriptor update before giving up (each merges a newer one).
+DESCRIPTOR_ATTEMPTS = 5
+LISTS = ("rejected", "invalid", "cleaned", "skipped")
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -158,7 +174,7 @@ def open_dataset(uri: str, storage_options: StorageOptions | None = None) -> Dat
     """The dataset at ``uri``; a clear error naming the URI when there is none."""
     uri = storage.normalize(uri)
     try:
-        payload = storage.read_json(descriptor_uri(uri), storage_options)
+        data = storage.read_bytes(descriptor_uri(uri), storage_options)
     except storage.StorageError as exc:
         if exc.reason == storage.NOT_FOUND:
             raise FileNotFoundError(
@@ -166,6 +182,25 @@ def open_dataset(uri: str, storage_options: StorageOptions | None = None) -> Dat
                 "`detectflow ingest` or `detectflow synth`)"
             ) from exc
         raise
+    return _parse_descriptor(uri, data)
+
+
+def read_descriptor(uri: str, storage_options: StorageOptions | None = None) -> tuple[Dataset, str] | None:
+    """The dataset at ``uri`` and the version of its descriptor (for a compare-and-swap update);
+    None when there is no dataset."""
+    uri = storage.normalize(uri)
+    try:
+        data, version = storage.read_bytes_with_version(descriptor_uri(uri), storage_options)
+    except storage.StorageError as exc:
+        if exc.reason == storage.NOT_FOUND:
+            return None
+        raise
+    return _parse_descriptor(uri, data), version
+
+
+def _parse_descriptor(uri: str, data: bytes) -> Dataset:
+    try:
+        payload = json.loads(data)
     except ValueError as exc:
         raise ValueError(f"{storage.redact(descriptor_uri(uri))} is not valid JSON: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -261,8 +296,13 @@ def gt_targets(table: pa.Table | pa.RecordBatch) -> list[tuple[np.ndarray, np.nd
 def known_column(dataset: Dataset, column: str, storage_options: StorageOptions | None = None) -> set[str]:
     """All values of a string column (``image_id`` or ``source``) over the dataset's shards (only
     that column is fetched)."""
+    return column_values(dataset.shards, column, storage_options)
+
+
+def column_values(shards: Iterable[ShardInfo], column: str, storage_options: StorageOptions | None = None) -> set[str]:
+    """All values of a string column over ``shards`` (only that column is fetched)."""
     values: set[str] = set()
-    for shard in dataset.shards:
+    for shard in shards:
         values.update(v for v in read_shard(shard.uri, [column], storage_options).column(column).to_pylist() if v)
     return values
 
@@ -292,9 +332,16 @@ def row_group_bounds(image_sizes: Sequence[int]) -> list[tuple[int, int]]:
 class DatasetWriter:
     """Streams rows into shards of ``shard_size`` images; at most one shard is held in memory.
 
-    ``append=True`` continues an existing dataset: new shards are numbered after the existing
-    ones, and an ``image_id`` already present is rejected rather than duplicated. Without it, a
-    dataset already at ``uri`` is replaced when the writer closes. One writer per dataset at a time.
+    ``append=True`` continues an existing dataset: new shards get the next free names (each taken
+    by creating its file only if absent), an ``image_id`` already present is rejected rather than
+    duplicated, and the descriptor is updated by compare-and-swap, merging what another writer
+    added meanwhile (see the module docstring). Without it, a dataset already at ``uri`` is
+    replaced when the writer closes (the descriptor must still be the one read at the start).
+
+    ``lease``: the held dataset lease of the run (``pipeline.lease``), verified before each shard
+    and before the descriptor is written: a writer whose lease was lost stops with
+    :class:`~pipeline.lease.LeaseLost` instead of writing on. Holding it, an appending writer also
+    deletes shard files that no descriptor lists (left by an interrupted ingest).
     """
 
     def __init__(
@@ -306,12 +353,15 @@ class DatasetWriter:
         shard_size: int = DEFAULT_SHARD_SIZE,
         storage_options: StorageOptions | None = None,
         append: bool = False,
+        lease: Lease | None = None,
     ):
         if shard_size < 1:
             raise ValueError(f"shard size must be ≥ 1, got {shard_size}")
         self.uri = storage.normalize(uri)
         self.shard_size = shard_size
         self.storage_options = storage_options
+        self.append = append
+        self.lease = lease
         self.categories = list(categories)
         self.source = dict(source)
         self.shards: list[ShardInfo] = []
@@ -321,27 +371,46 @@ class DatasetWriter:
         self.counts = {"rows": 0, "rejected": 0, "invalid": 0, "cleaned": 0, "skipped": 0}
         self.skipped: list[str] = []
         self.created_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.existing: Dataset | None = None  # the dataset found at the start (None: a new one)
+        self._version: str | None = None  # of the descriptor this writer will replace
+        self._base = Dataset(self.uri, self.categories, [], {}, counts=dict(self.counts))
         self._image_ids: set[str] = set()
         self._rows: list[dict[str, Any]] = []
+        self._keys: dict[str, list[tuple[str, str | None]]] = {}  # new shard → its (image_id, source)s
+        self._skipped_cleared = False
         self._replaced_shards: list[ShardInfo] = []
-        if not storage.exists(descriptor_uri(self.uri), storage_options):
-            return
-        existing = open_dataset(self.uri, storage_options)
-        if not append:
+        found = read_descriptor(self.uri, storage_options)
+        if found is not None:
+            self.existing, self._version = found
+            self._start_from(self.existing)
+        if append and lease is not None:
+            self._delete_unlisted()
+
+    def _start_from(self, existing: Dataset) -> None:
+        if not self.append:
             self._replaced_shards = existing.shards
-        else:
-            if existing.categories != self.categories:
-                raise ValueError(
-                    f"cannot append to {storage.redact(self.uri)}: its categories differ "
-                    f"({len(existing.categories)} there, {len(self.categories)} here)"
-                )
-            self.shards = list(existing.shards)
-            self.rejected, self.invalid, self.cleaned = existing.rejected, existing.invalid, existing.cleaned
-            self.skipped = existing.skipped
-            self.counts.update(existing.counts)
-            self.created_at = existing.created_at or self.created_at
-            self.source = {**existing.source, **self.source}
-            self._image_ids = known_column(existing, "image_id", storage_options)
+            return
+        if existing.categories != self.categories:
+            raise ValueError(
+                f"cannot append to {storage.redact(self.uri)}: its categories differ "
+                f"({len(existing.categories)} there, {len(self.categories)} here)"
+            )
+        self._base = existing
+        self.shards = list(existing.shards)
+        self.rejected, self.invalid = list(existing.rejected), list(existing.invalid)
+        self.cleaned, self.skipped = list(existing.cleaned), list(existing.skipped)
+        self.counts.update(existing.counts)
+        self.created_at = existing.created_at or self.created_at
+        self.source = {**existing.source, **self.source}
+        self._image_ids = known_column(existing, "image_id", self.storage_options)
+
+    def _delete_unlisted(self) -> None:
+        """Shard files no descriptor lists: left by an interrupted ingest (the lease says no other
+        writer is at work)."""
+        listed = {shard.uri for shard in self.shards}
+        for uri in storage.list_files(storage.join(self.uri, SHARDS_DIR), self.storage_options, suffixes=(".parquet",)):
+            if uri not in listed:
+                storage.delete(uri, self.storage_options)
 
     def add(
         self,
@@ -407,25 +476,73 @@ class DatasetWriter:
         """Forget the skipped files: an incremental ingest lists its prefix again in full."""
         self.counts["skipped"] = 0
         self.skipped = []
+        self._skipped_cleared = True
 
     def _flush(self) -> None:
         if not self._rows:
             return
+        if self.lease is not None:
+            self.lease.verify()
         table = pa.Table.from_pylist(self._rows, schema=SHARD_SCHEMA)
-        buffer = io.BytesIO()
-        with pq.ParquetWriter(buffer, SHARD_SCHEMA, compression=SHARD_COMPRESSION) as parquet:
-            for start, stop in row_group_bounds([len(row["image"]) for row in self._rows]):
-                parquet.write_table(table.slice(start, stop - start), row_group_size=stop - start)
-        name = shard_name(len(self.shards))
-        uri = storage.join(self.uri, SHARDS_DIR, f"{name}.parquet")
-        storage.write_bytes(uri, buffer.getvalue(), self.storage_options)
-        self.shards.append(ShardInfo(name, uri, table.num_rows, buffer.tell()))
+        data = _shard_bytes(table, [len(row["image"]) for row in self._rows])
+        shard = self._write_shard(data, table.num_rows)
+        if self.append:
+            self._keys[shard.name] = [(row["image_id"], row["source"]) for row in self._rows]
+        self.shards.append(shard)
         self._rows = []
+
+    def _write_shard(self, data: bytes, num_rows: int) -> ShardInfo:
+        """Replacing: the next name, overwritten. Appending: the first free name from the next one
+        on, taken by creating the file only if absent."""
+        index, listed = len(self.shards), {shard.name for shard in self.shards}
+        while True:
+            name = shard_name(index)
+            uri = storage.join(self.uri, SHARDS_DIR, f"{name}.parquet")
+            if not self.append:
+                storage.write_bytes(uri, data, self.storage_options)
+                return ShardInfo(name, uri, num_rows, len(data))
+            if name not in listed and storage.write_bytes_if_absent(uri, data, self.storage_options) is not None:
+                return ShardInfo(name, uri, num_rows, len(data))
+            index += 1
 
     def close(self) -> Dataset:
         """Write the last shard and then the descriptor; returns the dataset."""
         self._flush()
-        payload = {
+        if self.lease is not None:
+            self.lease.verify()
+        for _ in range(DESCRIPTOR_ATTEMPTS):
+            if self._commit():
+                break
+            if not self.append:
+                raise ValueError(
+                    f"{storage.redact(descriptor_uri(self.uri))} was changed by another writer while this one "
+                    "replaced the dataset; nothing of it was listed: run the ingest again"
+                )
+            self._merge_newer()
+        else:
+            raise ValueError(
+                f"{storage.redact(descriptor_uri(self.uri))} kept changing under other writers: gave up after "
+                f"{DESCRIPTOR_ATTEMPTS} attempts to add this writer's shards; run the ingest again"
+            )
+        listed = {shard.name for shard in self.shards}
+        for stale in self._replaced_shards:
+            if stale.name not in listed:
+                storage.delete(stale.uri, self.storage_options)
+        return open_dataset(self.uri, self.storage_options)
+
+    def _commit(self) -> bool:
+        """Write the descriptor if it is still the version this writer read (or still absent)."""
+        data = json.dumps(self._payload(), indent=2, sort_keys=True, default=str).encode()
+        where = descriptor_uri(self.uri)
+        if self._version is None:
+            version = storage.write_bytes_if_absent(where, data, self.storage_options)
+        else:
+            version = storage.replace_bytes_if_version(where, data, self._version, self.storage_options)
+        self._version = version or self._version
+        return version is not None
+
+    def _payload(self) -> dict[str, Any]:
+        return {
             "format": FORMAT,
             "categories": self.categories,
             "shards": [{"name": s.name, "num_images": s.num_images, "num_bytes": s.num_bytes} for s in self.shards],
@@ -439,9 +556,83 @@ class DatasetWriter:
             "created_at": self.created_at,
             "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        storage.write_json(descriptor_uri(self.uri), payload, self.storage_options)
-        listed = {shard.name for shard in self.shards}
-        for stale in self._replaced_shards:
-            if stale.name not in listed:
-                storage.delete(stale.uri, self.storage_options)
-        return open_dataset(self.uri, self.storage_options)
+
+    # ------------------------------------------------------------------ merging a newer descriptor
+
+    def _merge_newer(self) -> None:
+        """Another writer updated the descriptor since this one read it: read it again and put this
+        writer's new shards, lists and counts on top of it. Rows whose ``image_id`` or source the
+        other writer added meanwhile are taken out of this writer's shards."""
+        found = read_descriptor(self.uri, self.storage_options)
+        newer, version = found if found is not None else (Dataset(self.uri, self.categories, [], {}), None)
+        if found is not None and newer.categories != self.categories:
+            raise ValueError(f"cannot append to {storage.redact(self.uri)}: its categories changed meanwhile")
+        base_names, newer_names = {s.name for s in self._base.shards}, {s.name for s in newer.shards}
+        added = [shard for shard in newer.shards if shard.name not in base_names]
+        self._rebase(newer)
+        taken_ids = column_values(added, "image_id", self.storage_options)
+        taken_sources = column_values(added, "source", self.storage_options)
+        ours = [shard for shard in self.shards if shard.name in self._keys and shard.name not in newer_names]
+        kept = [kept for shard in ours if (kept := self._without(shard, taken_ids, taken_sources)) is not None]
+        self.shards = newer.shards + kept
+        self._version = version
+        log.warning(
+            "%s was updated by another writer meanwhile (%d shards added): merged this writer's %d shards into it",
+            storage.redact(descriptor_uri(self.uri)),
+            len(added),
+            len(kept),
+        )
+
+    def _rebase(self, newer: Dataset) -> None:
+        """This writer's additions to the lists and counts, moved from the dataset it started from
+        onto ``newer``."""
+        own_skipped = self.counts["skipped"]
+        for name in LISTS:
+            mine = getattr(self, name)[len(getattr(self._base, name)) :]
+            if not (name == "skipped" and self._skipped_cleared):  # cleared: this writer's listing only
+                setattr(self, name, (list(getattr(newer, name)) + mine)[:MAX_LISTED])
+        self.counts = {
+            key: newer.counts.get(key, 0) + value - self._base.counts.get(key, 0) for key, value in self.counts.items()
+        }
+        if self._skipped_cleared:
+            self.counts["skipped"] = own_skipped
+        self._base = newer
+
+    def _without(self, shard: ShardInfo, taken_ids: set[str], taken_sources: set[str]) -> ShardInfo | None:
+        """``shard`` (one of this writer's) without the rows added by another writer meanwhile:
+        rewritten when some are, deleted when all are (None). The same source is the same image,
+        already in the dataset; a different image under a taken ``image_id`` is rejected."""
+        keys = self._keys[shard.name]
+        keep = [
+            i for i, (image_id, source) in enumerate(keys) if image_id not in taken_ids and source not in taken_sources
+        ]
+        if len(keep) == len(keys):
+            return shard
+        kept_ids = {keys[i][0] for i in keep}
+        dropped = {image_id for image_id, _ in keys if image_id not in kept_ids}
+        for image_id, source in keys:
+            if image_id in dropped and source not in taken_sources:
+                self.reject(source or image_id, f"duplicate image_id {image_id!r} (added by another writer meanwhile)")
+        self.counts["rows"] -= len(keys) - len(keep)
+        base_invalid = len(self._base.invalid)
+        mine = [entry for entry in self.invalid[base_invalid:] if entry["image_id"] not in dropped]
+        self.counts["invalid"] -= len(self.invalid) - base_invalid - len(mine)
+        self.invalid = self.invalid[:base_invalid] + mine
+        self._keys[shard.name] = [keys[i] for i in keep]
+        if not keep:
+            storage.delete(shard.uri, self.storage_options)
+            del self._keys[shard.name]
+            return None
+        table = read_shard(shard.uri, storage_options=self.storage_options).take(keep)
+        data = _shard_bytes(table, pc.binary_length(table.column("image")).to_pylist())
+        storage.write_bytes(shard.uri, data, self.storage_options)  # created by this writer: its own
+        return ShardInfo(shard.name, shard.uri, table.num_rows, len(data))
+
+
+def _shard_bytes(table: pa.Table, image_sizes: Sequence[int]) -> bytes:
+    """A shard file: ``table`` in row groups bounded by count and image bytes."""
+    buffer = io.BytesIO()
+    with pq.ParquetWriter(buffer, SHARD_SCHEMA, compression=SHARD_COMPRESSION) as parquet:
+        for start, stop in row_group_bounds(image_sizes):
+            parquet.write_table(table.slice(start, stop - start), row_group_size=stop - start)
+    return buffer.getvalue()

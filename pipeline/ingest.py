@@ -6,12 +6,18 @@ concurrency, not bandwidth) and written out shard by shard, so memory stays boun
 size whatever the dataset size. Nothing is dropped silently: every input becomes a row or is listed
 in the descriptor with its reason (``rejected``; repaired annotations under ``cleaned``; files that
 are not images under ``skipped``).
+
+Every ingest holds the dataset's lease (``DATA_URI/_lease.json``, ``pipeline.lease``) from before it
+reads the descriptor until the new one is written: a second ingest into the same dataset waits
+``lease_wait_s`` for it or is refused with the holder named.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import time
+import uuid
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -21,9 +27,10 @@ import numpy as np
 from PIL import Image
 
 from . import storage
-from .dataset import DEFAULT_SHARD_SIZE, Dataset, DatasetWriter, known_sources, open_dataset
+from .dataset import DEFAULT_SHARD_SIZE, Dataset, DatasetWriter, known_sources
 from .decode import DecodeError, probe
 from .jobs import IngestSpec
+from .lease import Lease, lease_uri
 from .storage import StorageOptions
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -33,6 +40,12 @@ READ_THREADS = 16
 READ_WINDOW = 64
 READ_BUDGET_BYTES = 256 * 1024 * 1024
 Progress = Callable[[int], None] | None
+
+
+def dataset_lease(out_uri: str, what: str, storage_options: StorageOptions | None, wait_s: float = 0.0) -> Lease:
+    """The lease an ingest holds on the dataset at ``out_uri`` (not yet acquired: use ``with``)."""
+    run_id = f"ingest-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    return Lease(lease_uri(out_uri), run_id=run_id, what=what, wait_s=wait_s, storage_options=storage_options)
 
 
 def read_many(
@@ -88,6 +101,7 @@ def ingest_coco(
     shard_size: int = DEFAULT_SHARD_SIZE,
     storage_options: StorageOptions | None = None,
     progress: Progress = None,
+    lease_wait_s: float = 0.0,
 ) -> Dataset:
     """A COCO instances JSON and its images folder/prefix → a labelled dataset.
 
@@ -109,31 +123,35 @@ def ingest_coco(
     except ValueError as exc:
         raise ValueError(f"{storage.redact(annotations_uri)} is not valid JSON: {exc}") from exc
     categories, label_of = _coco_categories(coco, annotations_uri)
-    writer = DatasetWriter(
-        out_uri,
-        categories=categories,
-        source={
-            "kind": "coco",
-            "images": storage.redact(images_uri),
-            "annotations": storage.redact(annotations_uri),
-            "labelled": True,
-        },
-        shard_size=shard_size,
-        storage_options=storage_options,
-    )
-    images = _coco_images(coco, writer)
-    annotations_of = _coco_annotations(coco, {image["id"] for image in images}, writer)
-    uris = (storage.join(images_uri, image["file_name"]) for image in images)
-    for done, (image, (uri, data)) in enumerate(zip(images, read_many(uris, storage_options)), start=1):
-        image_id = str(image["id"])
-        if isinstance(data, storage.StorageError):
-            reason = "missing file" if not data.transient else f"unreadable: {data}"
-            writer.reject(f"image {image_id} ({image['file_name']})", reason)
-        else:
-            _add_coco_image(writer, image, image_id, uri, data, annotations_of.pop(image["id"], []), label_of)
-        if progress is not None:
-            progress(done)
-    return writer.close()
+    source = {
+        "kind": "coco",
+        "images": storage.redact(images_uri),
+        "annotations": storage.redact(annotations_uri),
+        "labelled": True,
+    }
+    what = f"ingest COCO {storage.redact(annotations_uri)}"
+    with dataset_lease(out_uri, what, storage_options, lease_wait_s) as lease:
+        writer = DatasetWriter(
+            out_uri,
+            categories=categories,
+            source=source,
+            shard_size=shard_size,
+            storage_options=storage_options,
+            lease=lease,
+        )
+        images = _coco_images(coco, writer)
+        annotations_of = _coco_annotations(coco, {image["id"] for image in images}, writer)
+        uris = (storage.join(images_uri, image["file_name"]) for image in images)
+        for done, (image, (uri, data)) in enumerate(zip(images, read_many(uris, storage_options)), start=1):
+            image_id = str(image["id"])
+            if isinstance(data, storage.StorageError):
+                reason = "missing file" if not data.transient else f"unreadable: {data}"
+                writer.reject(f"image {image_id} ({image['file_name']})", reason)
+            else:
+                _add_coco_image(writer, image, image_id, uri, data, annotations_of.pop(image["id"], []), label_of)
+            if progress is not None:
+                progress(done)
+        return writer.close()
 
 
 def _coco_images(coco: Any, writer: DatasetWriter) -> list[dict]:
@@ -271,6 +289,7 @@ def ingest_images(
     storage_options: StorageOptions | None = None,
     only_new: bool = False,
     progress: Progress = None,
+    lease_wait_s: float = 0.0,
 ) -> Dataset:
     """Every image file under a prefix → an unlabelled dataset; ``image_id`` is the path relative
     to the prefix (so equal names in different folders stay distinct).
@@ -280,26 +299,42 @@ def ingest_images(
     read at all is ``rejected``; files without an image suffix are counted (and listed, up to
     ``MAX_LISTED``) under ``skipped``. ``only_new`` appends to an existing dataset only the files
     whose source URI it does not hold yet (incremental ingest); ``skipped`` then describes the
-    latest listing.
+    latest listing. The dataset's lease is held from before the descriptor is read (see the module
+    docstring); an image another writer appended meanwhile is not added twice.
     """
     prefix = storage.normalize(prefix_uri)
     images, others = list_images(prefix, storage_options)
     if not images and not others:
         raise ValueError(f"no files under {storage.redact(prefix)}")
-    writer = DatasetWriter(
-        out_uri,
-        categories=[],
-        source={"kind": "images", "prefix": storage.redact(prefix), "labelled": False},
-        shard_size=shard_size,
-        storage_options=storage_options,
-        append=only_new,
-    )
-    if only_new and writer.shards:
-        seen = known_sources(open_dataset(out_uri, storage_options), storage_options)
-        images = [u for u in images if u not in seen]
-        if not images:  # nothing new: the dataset is left as it is, not even rewritten
-            return open_dataset(out_uri, storage_options)
-        writer.clear_skipped()
+    what = f"ingest images from {storage.redact(prefix)}"
+    with dataset_lease(out_uri, what, storage_options, lease_wait_s) as lease:
+        writer = DatasetWriter(
+            out_uri,
+            categories=[],
+            source={"kind": "images", "prefix": storage.redact(prefix), "labelled": False},
+            shard_size=shard_size,
+            storage_options=storage_options,
+            append=only_new,
+            lease=lease,
+        )
+        if only_new and writer.existing is not None and writer.existing.shards:
+            seen = known_sources(writer.existing, storage_options)
+            images = [u for u in images if u not in seen]
+            if not images:  # nothing new: the dataset is left as it is, not even rewritten
+                return writer.existing
+            writer.clear_skipped()
+        return _add_images(writer, prefix, images, others, storage_options, progress)
+
+
+def _add_images(
+    writer: DatasetWriter,
+    prefix: str,
+    images: list[str],
+    others: list[str],
+    storage_options: StorageOptions | None,
+    progress: Progress,
+) -> Dataset:
+    """The listed files of an image-prefix ingest into ``writer``; the dataset once written."""
     for other in others:
         writer.skip(storage.relative_path(other, prefix))
     for done, (uri, data) in enumerate(read_many(images, storage_options), start=1):
@@ -337,6 +372,7 @@ def ingest_synthetic(
     shard_size: int = DEFAULT_SHARD_SIZE,
     storage_options: StorageOptions | None = None,
     progress: Progress = None,
+    lease_wait_s: float = 0.0,
 ) -> Dataset:
     """``num_images`` generated images of simple shapes with exact boxes (PNG), deterministic in
     ``seed``: the same arguments give the same bytes."""
@@ -345,28 +381,30 @@ def ingest_synthetic(
     if num_images < 1:
         raise ValueError(f"--images must be ≥ 1, got {num_images}")
     categories = [{"label": i + 1, "name": name, "source_id": i + 1} for i, name in enumerate(CATEGORIES)]
-    writer = DatasetWriter(
-        out_uri,
-        categories=categories,
-        source={"kind": "synthetic", "seed": seed, "image_size": image_size, "labelled": True},
-        shard_size=shard_size,
-        storage_options=storage_options,
-    )
-    for index in range(num_images):
-        sample = make_image(seed, index, image_size)
-        writer.add(
-            f"synth-{seed}-{index:07d}",
-            encode_png(sample.image.numpy()),
-            f"synthetic://{seed}/{index}",
-            width=image_size,
-            height=image_size,
-            gt_boxes=sample.boxes.numpy(),
-            gt_labels=sample.labels.numpy(),
-            gt_iscrowd=[False] * len(sample.labels),
+    with dataset_lease(out_uri, f"synthetic dataset (seed {seed})", storage_options, lease_wait_s) as lease:
+        writer = DatasetWriter(
+            out_uri,
+            categories=categories,
+            source={"kind": "synthetic", "seed": seed, "image_size": image_size, "labelled": True},
+            shard_size=shard_size,
+            storage_options=storage_options,
+            lease=lease,
         )
-        if progress is not None:
-            progress(index + 1)
-    return writer.close()
+        for index in range(num_images):
+            sample = make_image(seed, index, image_size)
+            writer.add(
+                f"synth-{seed}-{index:07d}",
+                encode_png(sample.image.numpy()),
+                f"synthetic://{seed}/{index}",
+                width=image_size,
+                height=image_size,
+                gt_boxes=sample.boxes.numpy(),
+                gt_labels=sample.labels.numpy(),
+                gt_iscrowd=[False] * len(sample.labels),
+            )
+            if progress is not None:
+                progress(index + 1)
+        return writer.close()
 
 
 # --------------------------------------------------------------------------------- the job
@@ -382,6 +420,7 @@ def ingest(spec: IngestSpec, progress: Progress = None) -> Dataset:
             shard_size=spec.shard_size,
             storage_options=spec.storage,
             progress=progress,
+            lease_wait_s=spec.lease_wait_s,
         )
     if spec.source == "images":
         return ingest_images(
@@ -391,6 +430,7 @@ def ingest(spec: IngestSpec, progress: Progress = None) -> Dataset:
             only_new=spec.only_new,
             storage_options=spec.storage,
             progress=progress,
+            lease_wait_s=spec.lease_wait_s,
         )
     return ingest_synthetic(
         spec.out_uri,
@@ -400,4 +440,5 @@ def ingest(spec: IngestSpec, progress: Progress = None) -> Dataset:
         shard_size=spec.shard_size,
         storage_options=spec.storage,
         progress=progress,
+        lease_wait_s=spec.lease_wait_s,
     )

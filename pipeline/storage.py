@@ -18,23 +18,36 @@ Three promises, relied upon by the rest of the data plane:
 - :func:`write_bytes` is atomic: readers see the whole object or nothing. On object stores a single
   PUT (or a completed multipart upload) is atomic by itself; on a local disk we write a temporary
   file in the same folder and ``os.replace`` it into place.
+
+Conditional writes (:func:`write_bytes_if_absent`, :func:`replace_bytes_if_version`,
+:func:`delete_if_version`, with :func:`read_bytes_with_version`) let writers that share a store
+exclude each other without any other service (``pipeline.lease``, the dataset descriptor). They keep
+the three promises; a store that cannot do them is named in a warning, never silently raced.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
+import hashlib
 import json
 import logging
 import os
 import random
 import re
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import fsspec
+import fsspec.asyn
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
 
 from .storage_config import StorageConfig, StorageOptions, fsspec_options, parse_storage_options, secret_values
 
@@ -377,7 +390,8 @@ def endpoint_of(fs: fsspec.AbstractFileSystem) -> str | None:
     """The service endpoint a filesystem talks to (an S3-compatible URL, or AWS), for messages."""
     if hasattr(fs, "call_s3"):
         kwargs = getattr(fs, "client_kwargs", None) or {}
-        return getattr(fs, "endpoint_url", None) or kwargs.get("endpoint_url") or "AWS S3 (no endpoint_url set)"
+        environment = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        return getattr(fs, "endpoint_url", None) or kwargs.get("endpoint_url") or environment or "AWS S3"
     return None
 
 
@@ -582,3 +596,397 @@ def relative_path(uri: str, prefix: str) -> str:
     if not path.startswith(root + "/"):
         raise ValueError(f"{redact(uri)} is not below {redact(prefix)}")
     return path[len(root) + 1 :]
+
+
+# ----------------------------------------------------------------------- conditional writes
+#
+# Exclusive writers (pipeline.lease, the dataset descriptor) rest on three operations that the
+# store itself makes atomic: create an object only if it is absent, replace (or delete) it only if
+# it is still the version that was read. A version is an opaque string: the ETag on S3, the
+# generation on GCS, a hash of the content on local disks and in memory. Each returns the new
+# version (or True for a delete), or None (False) when the condition did not hold; failures are
+# retried and reported like every other operation here.
+
+CONDITIONAL_PROTOCOLS = ("s3", "gs", "file", "memory")
+# memory:// lives in one process: one lock serialises its conditional operations.
+_MEMORY_LOCK = threading.Lock()
+_VERSION_CHARS = 32
+
+
+class _ConcurrentConditional(OSError):
+    """S3 answered 409 ConditionalRequestConflict (another conditional write of the key was in
+    flight): transient, the retry sees the winner's object."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.EAGAIN, "a concurrent conditional write of the same object")
+
+
+def content_version(data: bytes) -> str:
+    """The version of an object on a store without versions of its own (local disk, memory)."""
+    return hashlib.sha256(data).hexdigest()[:_VERSION_CHARS]
+
+
+def _service_error(exc: BaseException) -> tuple[str | None, int | None, bool]:
+    """The first service error code and HTTP status in ``exc`` and its causes, and whether one of
+    them is a ``FileExistsError`` (``os.link``; s3fs's translation of a failed If-None-Match)."""
+    cursor: BaseException | None = exc
+    exists = False
+    for _ in range(8):
+        if cursor is None:
+            break
+        exists |= isinstance(cursor, FileExistsError)
+        code, status = _service_status(cursor)
+        if code is not None or status is not None:
+            return code, status, exists
+        cursor = cursor.__cause__ or cursor.__context__
+    return None, None, exists
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` says a condition did not hold: 412 PreconditionFailed (S3, GCS) or an
+    existing file."""
+    code, status, exists = _service_error(exc)
+    return exists or code == "PreconditionFailed" or status == 412
+
+
+def warn_unconditional(uri: str, why: str) -> None:
+    """Say loudly that writes to ``uri`` cannot exclude each other (the store cannot, or will not,
+    do conditional writes): two runs writing there at once may overwrite each other's work."""
+    message = (
+        f"the store of {redact(uri)} {why}: conditional writes are not possible there, so two runs "
+        "writing to it at once are not kept apart (run one at a time)"
+    )
+    log.warning(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _conditional(uri: str, storage_options: StorageOptions | None, what: str, attempt: Callable[..., T]) -> T:
+    """Run ``attempt(fs, path)`` with retries; a failed condition is its answer (None), not an
+    error."""
+    fs, path = filesystem(uri, storage_options)
+
+    def operation() -> T:
+        try:
+            return attempt(fs, path)
+        except Exception as exc:  # noqa: BLE001 — a failed condition is an answer; others re-raised
+            if _precondition_failed(exc):
+                return None  # type: ignore[return-value]
+            if _service_error(exc)[0] == "ConditionalRequestConflict":
+                raise _ConcurrentConditional() from exc
+            raise
+
+    return with_retries(operation, uri=uri, what=what, secrets=_secrets_of(fs), endpoint=endpoint_of(fs))
+
+
+def read_bytes_with_version(uri: str, storage_options: StorageOptions | None = None) -> tuple[bytes, str]:
+    """The whole object at ``uri`` and its version, read together (one request on S3)."""
+    return _conditional(uri, storage_options, "reading", _read_versioned)
+
+
+def version_of(uri: str, storage_options: StorageOptions | None = None) -> str | None:
+    """The current version of the object at ``uri``; None when there is none."""
+
+    def current(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+        try:
+            return _read_versioned(fs, path)[1]
+        except FileNotFoundError:
+            return None
+
+    return _conditional(uri, storage_options, "checking the version of", current)
+
+
+def write_bytes_if_absent(uri: str, data: bytes, storage_options: StorageOptions | None = None) -> str | None:
+    """Create the object at ``uri`` with ``data`` unless one exists; atomic (S3 ``If-None-Match:
+    *``, GCS ``ifGenerationMatch=0``, a hard link on local disks). Returns the new object's
+    version, or None when an object was already there (it is left as it was)."""
+    return _conditional_write(uri, data, None, storage_options)
+
+
+def replace_bytes_if_version(
+    uri: str, data: bytes, version: str, storage_options: StorageOptions | None = None
+) -> str | None:
+    """Compare-and-swap: replace the object at ``uri`` with ``data`` only if its version is still
+    ``version`` (S3 ``If-Match``, GCS ``ifGenerationMatch``, a lock file on local disks). Returns
+    the new version, or None when the object changed or vanished (it is left as it is)."""
+    return _conditional_write(uri, data, version, storage_options)
+
+
+def delete_if_version(uri: str, version: str, storage_options: StorageOptions | None = None) -> bool:
+    """Delete the object at ``uri`` only if its version is still ``version``; False when it
+    changed or is gone."""
+
+    def remove(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+        try:
+            return _delete_versioned(fs, path, version)
+        except FileNotFoundError:
+            return False
+
+    return bool(_conditional(uri, storage_options, "deleting", remove))
+
+
+def _conditional_write(
+    uri: str, data: bytes, version: str | None, storage_options: StorageOptions | None
+) -> str | None:
+    """``data`` to ``uri`` if absent (``version`` None) or still at ``version``. An attempt
+    repeated after a transient failure first reads the object: the earlier attempt may have landed
+    with its answer lost, and when the object holds ``data``, its version is the answer."""
+    retried: list[int] = []
+
+    def attempt(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+        if retried:
+            current = _read_if_present(fs, path)
+            if current is not None and current[0] == data:
+                return current[1]
+        retried.append(1)
+        return _write_versioned(fs, path, data, version)
+
+    return _conditional(uri, storage_options, "writing", attempt)
+
+
+def _read_if_present(fs: fsspec.AbstractFileSystem, path: str) -> tuple[bytes, str] | None:
+    try:
+        return _read_versioned(fs, path)
+    except FileNotFoundError:
+        return None
+
+
+def honours_conditional_writes(prefix: str, storage_options: StorageOptions | None = None) -> bool:
+    """Whether the store of ``prefix`` refuses a second create of one object (some S3-compatible
+    servers ignore ``If-None-Match``). Local disks and memory do; object stores are asked with a
+    hidden probe object under ``prefix`` (three requests); other stores cannot. A store that does
+    not is named in a warning."""
+    protocol = protocol_of(prefix)
+    if protocol not in CONDITIONAL_PROTOCOLS:
+        warn_unconditional(prefix, f"({protocol}://) has no conditional writes that detectflow knows")
+        return False
+    if protocol in _LOCAL_PROTOCOLS:
+        return True
+    probe = join(prefix, f".conditional-probe-{uuid.uuid4().hex}")
+    try:
+        first = write_bytes_if_absent(probe, b"1", storage_options)
+        second = write_bytes_if_absent(probe, b"2", storage_options)
+    finally:
+        delete(probe, storage_options)
+    if first is not None and second is None:
+        return True
+    warn_unconditional(
+        prefix, f"(endpoint {_endpoint_in_use(filesystem(prefix, storage_options)[0])}) ignores If-None-Match"
+    )
+    return False
+
+
+def _endpoint_in_use(fs: fsspec.AbstractFileSystem) -> str | None:
+    """The endpoint the filesystem's client talks to (also one set by ``AWS_ENDPOINT_URL``)."""
+    client = getattr(fs, "s3", None)
+    return getattr(getattr(client, "meta", None), "endpoint_url", None) or endpoint_of(fs)
+
+
+# Per-store implementations of the three operations; each raises FileNotFoundError for a missing
+# object (reads) and returns None / False for a condition that did not hold.
+
+
+def _is_gcs(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
+    return "gs" in protocols or "gcs" in protocols
+
+
+def _read_versioned(fs: fsspec.AbstractFileSystem, path: str) -> tuple[bytes, str]:
+    if hasattr(fs, "call_s3"):
+        return _s3_read(fs, path)
+    if _is_gcs(fs):
+        return _gcs_read(fs, path)
+    if isinstance(fs, LocalFileSystem):
+        with open(path, "rb") as handle:
+            data = handle.read()
+        return data, content_version(data)
+    with _MEMORY_LOCK:
+        data = fs.cat_file(path)
+    return data, content_version(data)
+
+
+def _write_versioned(fs: fsspec.AbstractFileSystem, path: str, data: bytes, version: str | None) -> str | None:
+    if hasattr(fs, "call_s3"):
+        return _s3_write(fs, path, data, version)
+    if _is_gcs(fs):
+        return _gcs_write(fs, path, data, version)
+    if isinstance(fs, LocalFileSystem):
+        return _local_create(path, data) if version is None else _local_replace(path, data, version)
+    return _checked_write(fs, path, data, version)
+
+
+def _delete_versioned(fs: fsspec.AbstractFileSystem, path: str, version: str) -> bool:
+    if hasattr(fs, "call_s3"):
+        return _s3_delete(fs, path, version)
+    if _is_gcs(fs):
+        bucket, key, _ = fs.split_path(path)
+        fs.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=version)
+        fs.invalidate_cache(path)
+        return True
+    if isinstance(fs, LocalFileSystem):
+        with _local_lock(path):
+            if _local_version(path) != version:
+                return False
+            os.unlink(path)
+            return True
+    return _checked_delete(fs, path, version)
+
+
+# S3 (and S3-compatible stores that honour If-None-Match / If-Match, as AWS, MinIO, R2, SeaweedFS do)
+
+
+def _s3_read(fs: fsspec.AbstractFileSystem, path: str) -> tuple[bytes, str]:
+    bucket, key, _ = fs.split_path(path)
+
+    async def get() -> tuple[bytes, str]:
+        response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        try:
+            return await response["Body"].read(), response["ETag"]
+        finally:
+            response["Body"].close()
+
+    return fsspec.asyn.sync(fs.loop, get)
+
+
+def _s3_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes, version: str | None) -> str:
+    bucket, key, _ = fs.split_path(path)
+    condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+    try:
+        response = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
+    finally:
+        fs.invalidate_cache(path)
+    return response["ETag"]
+
+
+def _s3_delete(fs: fsspec.AbstractFileSystem, path: str, version: str) -> bool:
+    """``DeleteObject`` with ``If-Match``; where the store does not implement that (501), the
+    version is compared first (a small window in which a newer version could be deleted)."""
+    bucket, key, _ = fs.split_path(path)
+    try:
+        fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
+    except Exception as exc:  # noqa: BLE001 — only "not implemented" is handled here
+        if _service_error(exc)[1] != 501:
+            raise
+        if _s3_read(fs, path)[1] != version:
+            return False
+        fs.call_s3("delete_object", Bucket=bucket, Key=key)
+    finally:
+        fs.invalidate_cache(path)
+    return True
+
+
+# GCS through gcsfs's request helper (JSON API preconditions). Not exercised by the test suite:
+# there is no GCS server here.
+
+
+def _gcs_read(fs: fsspec.AbstractFileSystem, path: str) -> tuple[bytes, str]:
+    """The object and its generation: the generation is read before and after the bytes and must
+    agree (generations only grow, so equal ones mean the bytes are that generation's)."""
+    for _ in range(5):
+        fs.invalidate_cache(path)
+        before = str(fs.info(path)["generation"])
+        data = fs.cat_file(path)
+        fs.invalidate_cache(path)
+        if str(fs.info(path)["generation"]) == before:
+            return data, before
+    raise _ConcurrentConditional()
+
+
+def _gcs_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes, version: str | None) -> str:
+    bucket, key, _ = fs.split_path(path)
+    out = fs.call(
+        "POST",
+        f"{fs._location}/upload/storage/v1/b/{quote(bucket, safe='')}/o",
+        uploadType="media",
+        name=key,
+        ifGenerationMatch="0" if version is None else version,
+        headers={"Content-Type": "application/octet-stream"},
+        data=data,
+        json_out=True,
+    )
+    fs.invalidate_cache(path)
+    return str(out["generation"])
+
+
+# Local disks: create = a hard link of a complete temporary file (fails if the name exists);
+# replace and delete = compare and act under an exclusive flock of a hidden sidecar lock file.
+
+
+def _local_temp(path: str, data: bytes) -> str:
+    """A complete, synced, hidden temporary file beside ``path`` holding ``data``."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)[:200]}.tmp-{uuid.uuid4().hex}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return tmp
+
+
+def _local_create(path: str, data: bytes) -> str:
+    tmp = _local_temp(path, data)
+    try:
+        os.link(tmp, path)  # FileExistsError when the name is taken: the condition failed
+    finally:
+        os.unlink(tmp)
+    return content_version(data)
+
+
+@contextmanager
+def _local_lock(path: str) -> Iterator[None]:
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(os.path.join(folder, f".{os.path.basename(path)[:200]}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _local_version(path: str) -> str | None:
+    try:
+        with open(path, "rb") as handle:
+            return content_version(handle.read())
+    except FileNotFoundError:
+        return None
+
+
+def _local_replace(path: str, data: bytes, version: str) -> str | None:
+    with _local_lock(path):
+        if _local_version(path) != version:
+            return None
+        tmp = _local_temp(path, data)
+        try:
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return content_version(data)
+
+
+# memory:// (one process: under the lock) and, with a warning, stores without conditional writes.
+
+
+def _checked_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes, version: str | None) -> str | None:
+    if not isinstance(fs, MemoryFileSystem):
+        warn_unconditional(fs.unstrip_protocol(path), "cannot do conditional writes")
+    with _MEMORY_LOCK:
+        try:
+            current: str | None = content_version(fs.cat_file(path))
+        except FileNotFoundError:
+            current = None
+        if current != version:
+            return None
+        fs.pipe_file(path, data)
+    return content_version(data)
+
+
+def _checked_delete(fs: fsspec.AbstractFileSystem, path: str, version: str) -> bool:
+    if not isinstance(fs, MemoryFileSystem):
+        warn_unconditional(fs.unstrip_protocol(path), "cannot do conditional deletes")
+    with _MEMORY_LOCK:
+        if content_version(fs.cat_file(path)) != version:
+            return False
+        fs.rm(path)
+    return True

@@ -148,3 +148,53 @@ def test_writer_holds_at_most_one_shard(tmp_path) -> None:
     assert writer.close().num_images == 10
     with pytest.raises(ValueError, match="shard size must be ≥ 1"):
         DatasetWriter(str(tmp_path / "e"), categories=[], source={}, shard_size=0)
+
+
+def test_concurrent_appends_without_a_lease_keep_every_row_once(storage_root: str) -> None:
+    """Two appending writers that both read the same descriptor: their shards get distinct names,
+    and the second to close merges into the first's descriptor instead of overwriting it; a row the
+    first added meanwhile (same source) is not added twice, another image under a taken id is
+    rejected."""
+    uri = storage.join(storage_root, "d")
+    base = DatasetWriter(uri, categories=[], source={"kind": "images"}, shard_size=2)
+    for index in range(4):
+        base.add(f"b{index}", b"b", f"file:///src/b{index}.jpg")
+    base.close()
+    first = DatasetWriter(uri, categories=[], source={"kind": "images"}, shard_size=2, append=True)
+    second = DatasetWriter(uri, categories=[], source={"kind": "images"}, shard_size=2, append=True)
+    for index in range(5):  # interleaved: both write shards at once
+        first.add(f"a{index}", b"a", f"file:///src/a{index}.jpg")
+        second.add(f"c{index}", b"c", f"file:///src/c{index}.jpg")
+    first.add("same", b"s", "file:///src/same.jpg")
+    second.add("same", b"s", "file:///src/same.jpg")  # the same image, added by both
+    second.add("a0", b"other", "file:///elsewhere/a0.jpg")  # another image under a taken id
+    assert first.close().num_images == 10
+    dataset = second.close()
+
+    ids = [i for shard in dataset.shards for i in read_shard(shard.uri, ["image_id"]).column(0).to_pylist()]
+    expected = {f"{p}{i}" for p, n in (("b", 4), ("a", 5), ("c", 5)) for i in range(n)} | {"same"}
+    assert len(ids) == len(set(ids)) == dataset.num_images == dataset.counts["rows"] == len(expected)
+    assert set(ids) == expected
+    names = [shard.name for shard in dataset.shards]
+    assert len(set(names)) == len(names) and names[:2] == ["shard-00000", "shard-00001"]
+    assert dataset.rejected == [
+        {"input": "file:///elsewhere/a0.jpg", "reason": "duplicate image_id 'a0' (added by another writer meanwhile)"}
+    ]
+    assert dataset.counts["rejected"] == 1
+    listed = {shard.uri for shard in dataset.shards}
+    assert set(storage.list_files(storage.join(uri, "shards"))) == listed, "no unlisted shard files left"
+    assert read_shard(dataset.shards[0].uri).column("image").to_pylist() == [b"b", b"b"], "old shards untouched"
+
+
+def test_replacing_a_dataset_that_changed_meanwhile_fails(tmp_path) -> None:
+    uri = str(tmp_path / "d")
+    ingest_synthetic(uri, num_images=2, image_size=32, shard_size=2)
+    replacing = DatasetWriter(uri, categories=[], source={}, shard_size=2)
+    appending = DatasetWriter(uri, categories=open_dataset(uri).categories, source={}, shard_size=2, append=True)
+    appending.add("new", b"n", None)
+    appending.close()
+    appended = storage.read_bytes(storage.join(uri, "dataset.json"))
+    replacing.add("x", b"x", None)
+    with pytest.raises(ValueError, match="was changed by another writer while this one replaced the dataset"):
+        replacing.close()
+    assert storage.read_bytes(storage.join(uri, "dataset.json")) == appended, "the newer descriptor stays"

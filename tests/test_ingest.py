@@ -3,19 +3,25 @@ accounted for exactly once, ground truth exact."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pipeline import storage
-from pipeline.dataset import gt_targets, read_shard
+from pipeline.dataset import gt_targets, open_dataset, read_shard
 from pipeline.decode import DecodedImage, DecodeError, decode_image
 from pipeline.evaluate import ImageDT, ImageGT, coco_metrics
 from pipeline.ingest import ingest_coco, ingest_images, read_many
+from pipeline.lease import LeaseHeld, LeaseLost
 from tests.corpus import write_bad_input_corpus
 
 COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco" / "val2017_subset"
@@ -241,3 +247,98 @@ def test_parallel_reads_keep_order_and_bound_read_ahead(tmp_path) -> None:
         ahead.append(pulled[0] - len(results))
         results.append(_)
     assert max(ahead) <= 4 and len(results) == 41
+
+
+# ------------------------------------------------------------------- ingests that share a dataset
+
+
+def _png(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8), "RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _image_folder(root: str, name: str, count: int, seed: int) -> str:
+    """``count`` small PNGs ``<name>-NNN.png`` under ``root/name`` (written by 16 threads)."""
+    folder = storage.join(root, name)
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda i: storage.write_bytes(f"{folder}/{name}-{i:03d}.png", _png(seed + i)), range(count)))
+    return folder
+
+
+def _ids(dataset) -> list[str]:
+    return [
+        image_id for shard in dataset.shards for image_id in read_shard(shard.uri, ["image_id"]).column(0).to_pylist()
+    ]
+
+
+@pytest.mark.parametrize("kind", ["file", "s3"])
+def test_concurrent_incremental_ingests_keep_every_image_once(kind: str, tmp_path, request, caplog) -> None:
+    """Two ``--only-new`` ingests of different folders into one existing dataset, the second
+    started while the first writes shards: the second is refused naming the first, a retry waits
+    its turn; every image ends up in the dataset exactly once."""
+    root = f"file://{tmp_path}" if kind == "file" else request.getfixturevalue("s3_server").new_bucket("two")
+    first_folder, second_folder = _image_folder(root, "a", 100, 0), _image_folder(root, "b", 100, 1000)
+    out = storage.join(root, "ds")
+    ingest_images(_image_folder(root, "c", 20, 5000), out, shard_size=10, only_new=True)
+    caplog.set_level(logging.WARNING, logger="pipeline.lease")
+    seen: dict = {}
+
+    def second_while_first_writes(done: int) -> None:
+        if done != 60:
+            return
+        with pytest.raises(LeaseHeld) as refused:
+            ingest_images(second_folder, out, shard_size=10, only_new=True)
+        seen["refused"] = str(refused.value)
+        retry = threading.Thread(
+            target=lambda: seen.update(
+                second=ingest_images(second_folder, out, shard_size=10, only_new=True, lease_wait_s=60)
+            )
+        )
+        retry.start()
+        seen["retry"] = retry
+
+    first = ingest_images(first_folder, out, shard_size=10, only_new=True, progress=second_while_first_writes)
+    seen["retry"].join(60)
+    assert f"(ingest images from {first_folder})" in seen["refused"], "the holder is named"
+    assert "in use by run ingest-" in seen["refused"]
+    assert any("waiting up to 60 s" in record.message for record in caplog.records), "the waiting run says so"
+    assert first.num_images == 120
+    dataset = seen["second"]
+    ids = _ids(dataset)
+    expected = {f"{name}-{i:03d}.png" for name, count in (("a", 100), ("b", 100), ("c", 20)) for i in range(count)}
+    assert len(ids) == len(set(ids)) == dataset.num_images == dataset.counts["rows"] == 220
+    assert set(ids) == expected
+    assert len({shard.name for shard in dataset.shards}) == len(dataset.shards) == 22
+    assert ingest_images(second_folder, out, shard_size=10, only_new=True).num_images == 220, "nothing left to add"
+    assert not storage.exists(storage.join(out, "_lease.json"))
+
+
+def test_an_ingest_that_loses_its_lease_stops_without_touching_the_descriptor(tmp_path) -> None:
+    root = f"file://{tmp_path}"
+    out = storage.join(root, "ds")
+    before = ingest_images(_image_folder(root, "old", 10, 0), out, shard_size=5, only_new=True)
+    descriptor = storage.read_bytes(storage.join(out, "dataset.json"))
+
+    def steal(done: int) -> None:
+        if done == 12:
+            uri = storage.join(out, "_lease.json")
+            storage.write_bytes(uri, json.dumps({**json.loads(storage.read_bytes(uri)), "run_id": "thief"}).encode())
+
+    with pytest.raises(LeaseLost, match="lease lost: .*run thief"):
+        ingest_images(_image_folder(root, "new", 40, 100), out, shard_size=5, only_new=True, progress=steal)
+    assert storage.read_bytes(storage.join(out, "dataset.json")) == descriptor
+    assert open_dataset(out).num_images == before.num_images
+
+
+def test_an_appending_ingest_deletes_shards_no_descriptor_lists(tmp_path) -> None:
+    root = f"file://{tmp_path}"
+    out = storage.join(root, "ds")
+    ingest_images(_image_folder(root, "old", 10, 0), out, shard_size=5, only_new=True)
+    leftover = storage.join(out, "shards", "shard-00002.parquet")  # an interrupted append's shard
+    storage.write_bytes(leftover, b"PAR1 half of a shard")
+    grown = ingest_images(_image_folder(root, "new", 5, 100), out, shard_size=5, only_new=True)
+    assert [shard.name for shard in grown.shards] == ["shard-00000", "shard-00001", "shard-00002"]
+    assert _ids(grown)[-5:] == [f"new-{i:03d}.png" for i in range(5)]
+    assert len(storage.list_files(storage.join(out, "shards"))) == 3
