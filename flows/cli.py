@@ -52,6 +52,24 @@ SharedFs = Annotated[
     ),
 ]
 ShardSize = Annotated[int, typer.Option("--shard-size", min=1, help="Images per shard.")]
+Replace = Annotated[
+    bool,
+    typer.Option(
+        "--replace",
+        help="Delete what the output prefix holds and rewrite it from scratch (needed to write another model's "
+        "or other settings' detections there: an output prefix holds one model and one set of settings).",
+    ),
+]
+WaitForLease = Annotated[
+    float,
+    typer.Option(
+        "--wait-for-lease",
+        min=0.0,
+        metavar="SECONDS",
+        help="When another run holds the output (detect-new: or the dataset it appends to), wait up to this long "
+        "for it to finish instead of stopping at once, naming it (a killed run's lease expires within a minute).",
+    ),
+]
 
 
 class OutputFormat(str, Enum):
@@ -292,6 +310,8 @@ def infer_command(
     local: Annotated[
         bool, typer.Option("--local", help="Run in this process, without Ray (a laptop, a debugger).")
     ] = False,
+    replace: Replace = False,
+    wait_for_lease: WaitForLease = 0.0,
     ray_address: RayAddress = None,
     shared_fs: SharedFs = False,
     storage_option: StorageOption = None,
@@ -311,6 +331,8 @@ def infer_command(
             score_threshold=score_threshold,
             device=device,
             executor="local" if local else "ray",
+            replace=replace,
+            lease_wait_s=wait_for_lease,
             cluster=_cluster(ray_address, shared_fs),
             storage=options,
         )
@@ -351,6 +373,8 @@ def detect_new_command(
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="Ray actors.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 8,
     shard_size: ShardSize = 256,
+    replace: Replace = False,
+    wait_for_lease: WaitForLease = 0.0,
     ray_address: RayAddress = None,
     shared_fs: SharedFs = False,
     storage_option: StorageOption = None,
@@ -368,6 +392,8 @@ def detect_new_command(
             model,
             workers=workers,
             batch_size=batch_size,
+            replace=replace,
+            lease_wait_s=wait_for_lease,
             cluster=_cluster(ray_address, shared_fs),
             storage=options,
         )

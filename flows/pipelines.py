@@ -187,13 +187,21 @@ def count_images_task(spec: IngestSpec) -> int:
 
 @task(name="pending-shards", **RETRYING)
 def pending_shards_task(spec: InferenceSpec) -> list[str]:
-    """Shards of the dataset without a commit record under the output: the work of the run."""
+    """Shards of the dataset without a commit record under the output: the work of the run (every
+    shard when the run replaces the output). With none left, an output of another model or other
+    settings is still refused here, not reported as done."""
     from pipeline.dataset import open_dataset
+    from pipeline.inference import check_output
     from pipeline.outputs import OutputStore
 
     dataset = open_dataset(spec.data_uri, spec.storage)
+    if spec.replace:
+        return [s.name for s in dataset.shards]
     committed = OutputStore(spec.out_uri, spec.storage).committed_names()
-    return [s.name for s in dataset.shards if s.name not in committed]
+    pending = [s.name for s in dataset.shards if s.name not in committed]
+    if not pending:
+        check_output(spec)
+    return pending
 
 
 @task(name="infer", **RETRYING)

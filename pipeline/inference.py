@@ -4,7 +4,9 @@ The scheduler (:class:`InferenceRun`, in the driver) decides what runs and what 
 distributor (``pipeline.distributors``: Ray actors on a cluster, or this process) runs shards on
 :class:`~pipeline.worker.ShardWorker` s and reports each attempt. Its steps:
 
-- **plan**: open the dataset, check the output bucket, read the model once for its id, list the
+- **plan**: open the dataset, check the output bucket, read the model once for its id, claim the
+  output for this model and its row-changing settings (:func:`output_identity`; another model's
+  output is refused before anything under it changes, or deleted first with ``replace``), list the
   committed shards, queue the others, write the ``running`` manifest;
 - **submit**: keep every worker busy with up to two shards (one on the device, one being fetched
   or written);
@@ -20,6 +22,10 @@ Exactly once: the plan skips committed shards, workers commit a shard only after
 its files (and skip it if it was committed meanwhile), and a retried shard overwrites whatever
 partial files a lost attempt left. A driver that dies leaves committed shards committed: the next
 run continues from them.
+
+One run per output at a time: :meth:`InferenceRun.run` holds the output's lease
+(``OUT_URI/_lease.json``, ``pipeline.lease``); a second run waits ``spec.lease_wait_s`` for it or
+is refused naming the holder, and a run whose lease is lost submits no more shards and fails.
 """
 
 from __future__ import annotations
@@ -36,9 +42,11 @@ from typing import Any
 
 from . import storage
 from .dataset import ShardInfo, open_dataset
+from .decode import DEFAULT_MAX_PIXELS
 from .distributors import Completion, Distributor, ShardFailure, start_distributor
 from .jobs import InferenceSpec
-from .outputs import OutputStore
+from .lease import Lease, lease_uri
+from .outputs import OutputIdentity, OutputStore
 from .worker import ShardResult, model_id_of
 
 log = logging.getLogger(__name__)
@@ -86,6 +94,28 @@ def new_run_id() -> str:
     return f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
+def output_identity(spec: InferenceSpec, model_id: str) -> OutputIdentity:
+    """What ``spec``'s output belongs to: the model and every setting that changes rows — the
+    dataset, the score threshold, reduced precision, the decoder's pixel cap (a constant, recorded
+    so that a version that changes it is noticed). Not workers, batch size, device, threads or
+    executor: they change how fast, not what (tests/test_worker.py checks batching)."""
+    settings = {
+        "data_uri": storage.redact(spec.data_uri),
+        "score_threshold": spec.score_threshold,
+        "amp": spec.amp,
+        "max_pixels": DEFAULT_MAX_PIXELS,
+    }
+    return OutputIdentity(model_id, settings)
+
+
+def check_output(spec: InferenceSpec) -> None:
+    """Refuse ``spec`` (a ValueError naming both models and the differing settings) when its output
+    belongs to another model or other settings; writes nothing. For callers that find nothing left
+    to run and so never plan."""
+    model_id = model_id_of(storage.read_bytes(spec.model_uri, spec.storage))
+    OutputStore(spec.out_uri, spec.storage).check_identity(output_identity(spec, model_id))
+
+
 class InferenceRun:
     """One run: plan, then submit and handle completions until no shard is left, then the final
     manifest. See the module docstring for the steps."""
@@ -101,18 +131,31 @@ class InferenceRun:
         self.last_manifest = time.monotonic()
         self.summary: RunSummary | None = None
         self.distributor: Distributor | None = None
+        self.lease: Lease | None = None
 
     def run(self) -> RunSummary:
-        self.plan()
-        try:
-            if self.queue:
-                with start_distributor(self.spec, self.run_id, len(self.queue)) as distributor:
-                    self.distributor = distributor
-                    self.schedule()
-        except BaseException as exc:
-            self.abandon(exc)
-            raise
-        return self.finish()
+        """The whole run, holding the output's lease (``OUT_URI/_lease.json``) from before the plan
+        to the final manifest; released also on error or interrupt."""
+        what = f"inference of {storage.redact(self.spec.data_uri)}"
+        lease = Lease(
+            lease_uri(self.spec.out_uri),
+            run_id=self.run_id,
+            what=what,
+            wait_s=self.spec.lease_wait_s,
+            storage_options=self.spec.storage,
+        )
+        with lease:
+            self.lease = lease
+            self.plan()
+            try:
+                if self.queue:
+                    with start_distributor(self.spec, self.run_id, len(self.queue)) as distributor:
+                        self.distributor = distributor
+                        self.schedule()
+            except BaseException as exc:
+                self.abandon(exc)
+                raise
+            return self.finish()
 
     # ------------------------------------------------------------------------------- steps
 
@@ -121,6 +164,9 @@ class InferenceRun:
         dataset = open_dataset(spec.data_uri, spec.storage)
         storage.ensure_bucket(spec.out_uri, spec.storage)
         model_id = model_id_of(storage.read_bytes(spec.model_uri, spec.storage))  # fails fast on a missing model
+        if spec.replace:
+            self.store.clear()
+        self.store.claim(output_identity(spec, model_id), run_id=self.run_id)
         committed = self.store.committed_names()
         self.queue = deque(shard for shard in dataset.shards if shard.name not in committed)
         self.summary = RunSummary(
@@ -142,7 +188,10 @@ class InferenceRun:
             self.report()
 
     def submit(self) -> None:
-        """Fill the workers: up to two shards in flight each (the distributor knows its workers)."""
+        """Fill the workers: up to two shards in flight each (the distributor knows its workers).
+        A run whose lease was lost submits nothing more (:class:`~pipeline.lease.LeaseLost`)."""
+        if self.lease is not None and self.queue and self.distributor.has_room():
+            self.lease.verify()
         while self.queue and self.distributor.has_room():
             shard = self.queue.popleft()
             self.attempts[shard.name] = self.attempts.get(shard.name, 0) + 1
@@ -194,6 +243,10 @@ class InferenceRun:
             self.write_manifest("running")
 
     def write_manifest(self, state: str, *, final: bool = False) -> None:
+        if self.lease is not None and final:  # the manifest belongs to the lease's holder
+            self.lease.verify()
+        elif self.lease is not None:
+            self.lease.check()
         committed = self.store.committed_shards() if final else None
         self.store.write_manifest(build_manifest(self.spec, self.summary, state=state, committed=committed))
         self.last_manifest = time.monotonic()
@@ -205,7 +258,9 @@ class InferenceRun:
 
     def abandon(self, exc: BaseException) -> None:
         """The driver stops early (refused by the cluster, interrupted): say so in the manifest if
-        storage lets us."""
+        storage lets us (and the output is still this run's)."""
+        if self.lease is not None and self.lease.lost.is_set():
+            return
         self.summary.seconds = time.perf_counter() - self.started
         manifest = build_manifest(self.spec, self.summary, state="stopped")
         manifest["error"] = storage.redact(f"{type(exc).__name__}: {exc}", storage.secret_values(self.spec.storage))
@@ -226,7 +281,7 @@ def build_manifest(
     committed: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The run's ``_manifest.json``: ids, ``state`` (``running``, ``finished``, ``failed``: some
-    shard failed, ``stopped``: the driver stopped early), the job's settings (no secrets:
+    shard failed, ``stopped``: the driver stopped early), the output's identity, the job's settings (no secrets:
     ``spec.public()``), versions, this run's summary; given the commit records, per-shard states
     and totals."""
     manifest = {
@@ -235,6 +290,7 @@ def build_manifest(
         "data_uri": storage.redact(spec.data_uri),
         "model_uri": storage.redact(spec.model_uri),
         "model_id": summary.model_id,
+        "identity": output_identity(spec, summary.model_id).to_json(),
         "settings": _settings(spec),
         "versions": _versions(),
         "this_run": summary.to_dict(),

@@ -49,13 +49,16 @@ def _normalise_uris(spec: Any, *names: str) -> None:
         object.__setattr__(spec, name, _uri(getattr(spec, name), name))
 
 
-def _storage(spec: Any) -> None:
-    """Accept the storage settings as a mapping (a deployment's JSON) as well as a config."""
+def _nested(spec: Any) -> None:
+    """Accept the nested settings as mappings (a deployment's JSON) as well as values: the storage
+    options, and the cluster where the spec has one."""
     value = spec.storage
     if isinstance(value, dict):
         value = StorageConfig(value.get("options", value) if set(value) <= {"options"} else value)
     _check(isinstance(value, StorageConfig), f"storage must be storage options, not {type(value).__name__}")
     object.__setattr__(spec, "storage", value)
+    if isinstance(getattr(spec, "cluster", None), dict):
+        object.__setattr__(spec, "cluster", ClusterSpec(**spec.cluster))
 
 
 def _redact_uris(value: Any) -> Any:
@@ -107,15 +110,17 @@ class IngestSpec(JobSpec):
     image_size: int = 128
     shard_size: int = 256
     only_new: bool = False
+    lease_wait_s: float = 0.0
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     def __post_init__(self) -> None:
-        _storage(self)
+        _nested(self)
         _check(self.source in ("coco", "images", "synthetic"), f"unknown source {self.source!r}")
         _check(self.source == "synthetic" or bool(self.images_uri), f"source {self.source!r} needs images_uri")
         _check(self.source != "coco" or bool(self.annotations_uri), "source 'coco' needs annotations_uri")
         _check(self.num_images >= 1 and self.shard_size >= 1, "num_images and shard_size must be ≥ 1")
         _check(self.image_size >= 16, f"image_size must be ≥ 16, not {self.image_size}")
+        _check(self.lease_wait_s >= 0, f"lease_wait_s must be ≥ 0, not {self.lease_wait_s}")
         _normalise_uris(self, "out_uri", "images_uri", "annotations_uri")
 
 
@@ -126,7 +131,10 @@ class InferenceSpec(JobSpec):
     ``workers``: actors (default: one per GPU, else one per CPU of the cluster); ``executor``:
     ``ray`` (actors on the cluster) or ``local`` (this process: a laptop, a debugger, a GPU box
     without Ray); ``amp``: reduced precision on CUDA (opt-in: it moves low scores across the
-    threshold); ``threads_per_worker``: torch threads of each CPU actor (default 1).
+    threshold); ``threads_per_worker``: torch threads of each CPU actor (default 1); ``replace``:
+    delete what ``out_uri`` holds and rewrite it from scratch (an output prefix belongs to one model
+    and one set of row-changing settings: a run of another is refused without it); ``lease_wait_s``:
+    how long to wait for another run that holds ``out_uri`` (0: refuse at once, naming it).
     """
 
     data_uri: str
@@ -140,13 +148,13 @@ class InferenceSpec(JobSpec):
     threads_per_worker: int | None = None
     max_shard_attempts: int = 3
     executor: Literal["ray", "local"] = "ray"
+    replace: bool = False
+    lease_wait_s: float = 0.0
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     def __post_init__(self) -> None:
-        _storage(self)
-        if isinstance(self.cluster, dict):
-            object.__setattr__(self, "cluster", ClusterSpec(**self.cluster))
+        _nested(self)
         _check(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, not {self.device!r}")
         _check(self.amp in ("off", "bf16", "fp16"), f"amp must be off, bf16 or fp16, not {self.amp!r}")
         _check(self.executor in ("ray", "local"), f"executor must be ray or local, not {self.executor!r}")
@@ -154,6 +162,7 @@ class InferenceSpec(JobSpec):
         _check(self.workers is None or self.workers >= 1, f"workers must be ≥ 1, not {self.workers}")
         _check(self.threads_per_worker is None or self.threads_per_worker >= 1, "threads_per_worker must be ≥ 1")
         _check(self.max_shard_attempts >= 1, "max_shard_attempts must be ≥ 1")
+        _check(self.lease_wait_s >= 0, f"lease_wait_s must be ≥ 0, not {self.lease_wait_s}")
         _check(
             self.score_threshold is None or 0.0 <= self.score_threshold <= 1.0,
             f"score_threshold must be within [0, 1], not {self.score_threshold}",
@@ -199,9 +208,7 @@ class TrainSpec(JobSpec):
     def __post_init__(self) -> None:
         from detector import PRESETS
 
-        _storage(self)
-        if isinstance(self.cluster, dict):
-            object.__setattr__(self, "cluster", ClusterSpec(**self.cluster))
+        _nested(self)
         _check(self.preset in PRESETS, f"unknown preset {self.preset!r}; available presets: {sorted(PRESETS)}")
         _check(self.epochs is None or self.steps is None, "give epochs or steps, not both")
         for name in ("workers", "batch_size", "checkpoint_every", "log_every"):
@@ -226,7 +233,7 @@ class EvaluateSpec(JobSpec):
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     def __post_init__(self) -> None:
-        _storage(self)
+        _nested(self)
         _normalise_uris(self, "data_uri", "out_uri")
 
 
@@ -256,6 +263,7 @@ class DetectNewSpec(JobSpec):
             images_uri=self.images_uri,
             shard_size=self.shard_size,
             only_new=True,
+            lease_wait_s=self.inference.lease_wait_s,
             storage=self.inference.storage,
         )
 

@@ -10,6 +10,8 @@ Layout at ``OUT_URI/``::
                                                     num_detections, run_id, model_id
     _commits/<shard>.json        the commit record of a shard: counts, run and model ids, timings,
                                  where it was done (node, worker)
+    _identity.json               what the output belongs to: one model (its id) and the settings that
+                                 change rows (see "Identity" below)
     _manifest.json               the run: ids, settings, versions, per-shard state, totals, timings
 
 Commit protocol:
@@ -24,13 +26,25 @@ Commit protocol:
 4. A committed shard is never rewritten: a run leaves it out of its plan, and the worker checks
    again right before it starts a shard (``ShardWorker.process``). ``write_shard`` itself always
    writes: the shards it is given are the uncommitted ones.
+
+Identity: an output prefix holds the detections of one model and one set of row-changing settings
+(:class:`OutputIdentity`; ``pipeline.inference.output_identity`` says which settings). The first
+run records it in ``_identity.json``, written only if absent (``storage.write_bytes_if_absent``),
+so that of two runs starting at once exactly one claims the output. A run whose identity differs
+is refused before it changes anything (:meth:`OutputStore.claim`); rewriting the output for another
+model is an explicit :meth:`OutputStore.clear` first (``--replace``). An output written before
+identities were recorded (commit records but no ``_identity.json``) belongs to the model id of its
+commit records, its settings unknown; the first run of that model records its own settings.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -43,6 +57,11 @@ DETECTIONS = "detections"
 IMAGES = "images"
 COMMITS = "_commits"
 MANIFEST = "_manifest.json"
+IDENTITY = "_identity.json"
+IDENTITY_FORMAT = "detectflow.output-identity/1"
+# What a replacing run deletes, in this order: commit records first, so that a reader never sees a
+# committed shard whose files are gone; the identity last.
+REPLACED = (COMMITS, DETECTIONS, IMAGES, "metrics.json", "pr_curve.png", MANIFEST, IDENTITY)
 
 DETECTIONS_SCHEMA = pa.schema(
     [
@@ -80,6 +99,45 @@ def to_parquet_bytes(table: pa.Table) -> bytes:
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class OutputIdentity:
+    """What an output prefix belongs to: the model (``model_id``, the sha256 prefix of its
+    checkpoint) and the settings that change rows, by name. ``settings`` is None for an output
+    written before identities were recorded: only its model is known."""
+
+    model_id: str
+    settings: dict[str, Any] | None
+
+    def differences(self, other: OutputIdentity) -> dict[str, tuple[Any, Any]]:
+        """Name → (this value, ``other``'s value) of what differs; settings count only when both
+        are known."""
+        differ = {"model_id": (self.model_id, other.model_id)} if self.model_id != other.model_id else {}
+        if self.settings is not None and other.settings is not None:
+            for name in sorted(set(self.settings) | set(other.settings)):
+                mine, theirs = self.settings.get(name), other.settings.get(name)
+                if mine != theirs:
+                    differ[name] = (mine, theirs)
+        return differ
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": IDENTITY_FORMAT, "model_id": self.model_id, "settings": self.settings}
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> OutputIdentity:
+        return cls(value["model_id"], value.get("settings"))
+
+
+def _refusal(uri: str, differences: dict[str, tuple[Any, Any]]) -> str:
+    listed = "; ".join(
+        f"{name} {mine!r} (output) vs {theirs!r} (this run)" for name, (mine, theirs) in differences.items()
+    )
+    return (
+        f"{storage.redact(uri)} holds the detections of another model or other settings: {listed}. "
+        "An output prefix holds one model and one set of settings: write to a new output prefix, or pass "
+        "--replace (spec replace=true) to delete these outputs and rewrite them from scratch"
+    )
 
 
 class OutputStore:
@@ -157,3 +215,57 @@ class OutputStore:
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         """Replace the run manifest (atomically)."""
         storage.write_json(self.manifest_uri, manifest, self.storage_options)
+
+    # ----------------------------------------------------------------------------- identity
+
+    @property
+    def identity_uri(self) -> str:
+        return storage.join(self.uri, IDENTITY)
+
+    def read_identity(self) -> OutputIdentity | None:
+        """The output's identity: ``_identity.json``; else, for an output written before identities
+        were recorded, the model id of its commit records (settings unknown); None for an output
+        no run has claimed. An older output whose commit records name several models is refused."""
+        if storage.exists(self.identity_uri, self.storage_options):
+            return OutputIdentity.from_json(storage.read_json(self.identity_uri, self.storage_options))
+        models = sorted({record.get("model_id") for record in self.committed_shards().values()} - {None})
+        if len(models) > 1:
+            raise ValueError(
+                f"{storage.redact(self.uri)} already holds the detections of several models ({', '.join(models)}), "
+                "written before output identities were recorded: write to a new output prefix, or pass --replace "
+                "(spec replace=true) to delete these outputs and rewrite them from scratch"
+            )
+        return OutputIdentity(models[0], None) if models else None
+
+    def check_identity(self, identity: OutputIdentity) -> OutputIdentity | None:
+        """The recorded identity (None when unclaimed); a ValueError naming both models and every
+        differing setting when it is not ``identity``. Writes nothing."""
+        recorded = self.read_identity()
+        if recorded is not None:
+            differences = recorded.differences(identity)
+            if differences:
+                raise ValueError(_refusal(self.uri, differences))
+        return recorded
+
+    def claim(self, identity: OutputIdentity, *, run_id: str) -> None:
+        """Make the output ``identity``'s, or refuse (:meth:`check_identity`) before any file under
+        it changes. ``_identity.json`` is written only if absent: a run that loses the race to
+        another run starting at the same moment is checked against the winner."""
+        recorded = self.check_identity(identity)
+        if recorded is not None and recorded.settings is not None:
+            return
+        record = {
+            **identity.to_json(),
+            "run_id": run_id,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        data = json.dumps(record, indent=2, sort_keys=True).encode()
+        if storage.write_bytes_if_absent(self.identity_uri, data, self.storage_options) is None:
+            self.check_identity(identity)
+
+    def clear(self) -> None:
+        """Delete the outputs (:data:`REPLACED`): commit records first, so that no reader ever sees
+        a committed shard whose files are gone, then the files, the manifest and the identity.
+        Other files under the prefix are left alone."""
+        for name in REPLACED:
+            storage.delete(storage.join(self.uri, name), self.storage_options)

@@ -187,10 +187,14 @@ def test_detect_new_images_is_incremental(s3_server, ray_local, model_uri) -> No
 
 
 def test_deployment_from_prefect_yaml_runs_on_a_worker(s3_server) -> None:
-    """`prefect deploy` of deploy/prefect.yaml onto the session's server; a run of the `ingest`
-    deployment triggered through the API is picked up by `prefect worker start --run-once` (a
-    process worker, as in production) and writes its dataset to the bucket."""
+    """`prefect deploy` of deploy/prefect.yaml onto the session's server; two runs of the `ingest`
+    deployment triggered through the API at once: `prefect worker start --run-once` (a process
+    worker, as in production) runs one, which writes its dataset to the bucket, and the other waits
+    its turn (one run at a time per deployment, ENQUEUE: Scheduled, AwaitingConcurrencySlot)."""
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy
     from prefect.deployments import run_deployment
+
+    from pipeline.dataset import open_dataset
 
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     subprocess.run(
@@ -225,13 +229,20 @@ def test_deployment_from_prefect_yaml_runs_on_a_worker(s3_server) -> None:
         nightly = client.read_deployment_by_name("detect-new-images/nightly")
     assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
     assert nightly.work_pool_name == "detectflow"
+    assert nightly.global_concurrency_limit.limit == 1
+    assert nightly.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
 
     bucket = s3_server.new_bucket("deployed")
-    flow_run = run_deployment(
-        "ingest/ingest",
-        parameters={"spec": {"out_uri": bucket + "/data", "source": "synthetic", "num_images": 5, "image_size": 64}},
-        timeout=0,  # do not wait: the worker below runs it
-    )
+    flow_runs = {
+        name: run_deployment(
+            "ingest/ingest",
+            parameters={
+                "spec": {"out_uri": f"{bucket}/{name}", "source": "synthetic", "num_images": 3, "image_size": 64}
+            },
+            timeout=0,  # do not wait: the worker below runs them
+        )
+        for name in ("first", "second")
+    }
     worker = subprocess.run(
         [PREFECT, "worker", "start", "--pool", "detectflow", "--type", "process", "--run-once"],
         env=env,
@@ -241,8 +252,14 @@ def test_deployment_from_prefect_yaml_runs_on_a_worker(s3_server) -> None:
         timeout=420,
     )
     with _client() as client:
-        finished = client.read_flow_run(flow_run.id)
-    assert finished.state.is_completed(), (finished.state, worker.stdout[-3000:], worker.stderr[-3000:])
-    from pipeline.dataset import open_dataset
-
-    assert open_dataset(bucket + "/data").num_images == 5
+        states = {name: client.read_flow_run(run.id).state for name, run in flow_runs.items()}
+        for name, state in states.items():
+            if not state.is_final():  # leave nothing queued on the session's server
+                client.delete_flow_run(flow_runs[name].id)
+    done = [name for name, state in states.items() if state.is_completed()]
+    waiting = [
+        name for name, state in states.items() if state.is_scheduled() and state.name == "AwaitingConcurrencySlot"
+    ]
+    assert len(done) == len(waiting) == 1, (states, worker.stdout[-3000:], worker.stderr[-3000:])
+    assert open_dataset(f"{bucket}/{done[0]}").num_images == 3
+    assert not storage.exists(f"{bucket}/{waiting[0]}/dataset.json")
