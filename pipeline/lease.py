@@ -335,16 +335,3 @@ class Lease:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.release()
-
-
-def acquire(
-    uri: str,
-    *,
-    run_id: str,
-    what: str,
-    ttl_s: float = DEFAULT_TTL_S,
-    wait_s: float = 0.0,
-    storage_options: StorageOptions | None = None,
-) -> Lease:
-    """A held :class:`Lease` on ``uri`` (release it, or use ``with Lease(...)``)."""
-    return Lease(uri, run_id=run_id, what=what, ttl_s=ttl_s, wait_s=wait_s, storage_options=storage_options).acquire()
