@@ -66,8 +66,9 @@ WaitForLease = Annotated[
         "--wait-for-lease",
         min=0.0,
         metavar="SECONDS",
-        help="When another run holds the output (detect-new: or the dataset it appends to), wait up to this long "
-        "for it to finish instead of stopping at once, naming it (a killed run's lease expires within a minute).",
+        help="When another run holds what this one writes (an output, or a dataset being appended to or rewritten), "
+        "wait up to this long for it to finish instead of stopping at once, naming it (a killed run's lease expires "
+        "within a minute).",
     ),
 ]
 
@@ -127,6 +128,7 @@ def ingest_coco_command(
     images: Annotated[str, typer.Option("--images", help="Folder/prefix holding the image files.")],
     annotations: Annotated[str, typer.Option("--annotations", help="COCO instances JSON.")],
     shard_size: ShardSize = 256,
+    wait_for_lease: WaitForLease = 0.0,
     storage_option: StorageOption = None,
 ) -> None:
     """Ingest a COCO-format dataset (instances JSON + images) with its boxes and categories."""
@@ -141,6 +143,7 @@ def ingest_coco_command(
                 images_uri=images,
                 annotations_uri=annotations,
                 shard_size=shard_size,
+                lease_wait_s=wait_for_lease,
                 storage=options,
             )
         )
@@ -156,6 +159,7 @@ def ingest_images_command(
     only_new: Annotated[
         bool, typer.Option("--only-new", help="Append only images whose source is not in the dataset yet.")
     ] = False,
+    wait_for_lease: WaitForLease = 0.0,
     storage_option: StorageOption = None,
 ) -> None:
     """Ingest every image file under a prefix (jpg, png, webp, bmp, gif, tiff; any case), unlabelled."""
@@ -170,6 +174,7 @@ def ingest_images_command(
                 images_uri=prefix_uri,
                 shard_size=shard_size,
                 only_new=only_new,
+                lease_wait_s=wait_for_lease,
                 storage=options,
             )
         )
@@ -184,6 +189,7 @@ def synth_command(
     seed: Annotated[int, typer.Option("--seed", help="Dataset seed: same seed, same bytes.")] = 0,
     image_size: Annotated[int, typer.Option("--image-size", min=16, help="Image side in pixels.")] = 128,
     shard_size: ShardSize = 256,
+    wait_for_lease: WaitForLease = 0.0,
     storage_option: StorageOption = None,
 ) -> None:
     """Generate a synthetic dataset of simple shapes with exact boxes (deterministic by seed)."""
@@ -199,6 +205,7 @@ def synth_command(
                 seed=seed,
                 image_size=image_size,
                 shard_size=shard_size,
+                lease_wait_s=wait_for_lease,
                 storage=options,
             )
         )

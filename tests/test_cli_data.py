@@ -172,3 +172,25 @@ def test_storage_errors_name_the_cause_not_a_missing_dataset(s3_server, monkeypa
         assert "not-the-secret" not in result.output
         if cause == "could not connect":
             assert "(endpoint http://127.0.0.1:9)" in last
+
+
+def test_ingest_waits_for_a_held_dataset_lease_or_names_the_holder(tmp_path) -> None:
+    """Another run holds the dataset: `synth` stops at once naming it, or with --wait-for-lease
+    waits for the release and then writes."""
+    import threading
+
+    from pipeline.lease import Lease, lease_uri
+
+    data = tmp_path / "ds"
+    holder = Lease(lease_uri(str(data)), run_id="other-run", what="a test holding the dataset").acquire()
+    args = ["synth", str(data), "--images", "2", "--image-size", "32"]
+    try:
+        refused = runner.invoke(app, args)
+        assert refused.exit_code == 1 and "other-run" in refused.output, refused.output
+        assert not (data / "dataset.json").exists()
+        threading.Timer(2.0, holder.release).start()
+        waited = runner.invoke(app, [*args, "--wait-for-lease", "60"])
+    finally:
+        holder.release()
+    assert waited.exit_code == 0, waited.output
+    assert (data / "dataset.json").exists()
