@@ -4,12 +4,18 @@ data plane (``pipeline``) once, and print a summary. Errors are one clear line a
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import sys
-from collections.abc import Callable
+import time
+import traceback
+from collections.abc import Callable, Iterator
 from enum import Enum
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
+import click
 import typer
 
 from pipeline import storage
@@ -30,6 +36,47 @@ ingest_app = typer.Typer(
     help="Turn images in object storage into a dataset of Parquet image shards.", no_args_is_help=True
 )
 app.add_typer(ingest_app, name="ingest")
+server_app = typer.Typer(
+    help="The local Prefect server that records detectflow's runs when no PREFECT_API_URL is configured.",
+    no_args_is_help=True,
+)
+app.add_typer(server_app, name="server")
+
+
+@app.callback()
+def _options(
+    ctx: typer.Context,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show orchestration logs (Prefect, Ray) and tracebacks.")
+    ] = False,
+) -> None:
+    from flows import console
+
+    ctx.obj = {"verbose": verbose}
+    console.configure(verbose)
+
+
+def _verbose() -> bool:
+    context = click.get_current_context(silent=True)
+    obj = context.find_root().obj if context else None
+    return bool(obj and obj.get("verbose"))
+
+
+def _flows() -> Any:
+    """``flows.pipelines``, imported after the Prefect API is settled: the user's (``PREFECT_API_URL``
+    or profile), else the shared local server (started on first use; see flows.local_server)."""
+    from flows import console, local_server
+
+    if local_server.configured_api_url() is None:
+        url = local_server.ensure(
+            local_server.ServerPaths.default(), lambda line: typer.secho(line, fg=typer.colors.CYAN, err=True)
+        )
+        os.environ["PREFECT_API_URL"] = url
+    import flows.pipelines as pipelines
+
+    console.configure(_verbose())
+    return pipelines
+
 
 StorageOption = Annotated[
     list[str] | None,
@@ -89,17 +136,34 @@ def _storage(pairs: list[str] | None) -> StorageConfig:
 
 
 def _cluster(ray_address: str | None, shared_fs: bool) -> ClusterSpec:
-    return ClusterSpec(ray_address=ray_address, shared_filesystem=shared_fs)
+    return ClusterSpec(ray_address=ray_address, shared_filesystem=shared_fs, worker_logs=_verbose())
 
 
-def _run(action: Callable[[], T]) -> T:
-    """Run the command body (spec validation included); expected failures become one line on
-    stderr and exit code 1."""
+def _run(action: Callable[[], T], *, resume: str = "run the same command again to continue") -> T:
+    """Run the command body (spec validation included). Expected failures become one line on stderr
+    and exit code 1; anything else is one line too, with the traceback only under ``--verbose``. An
+    interrupt (Ctrl-C, SIGTERM) leaves Ray and exits 130 with a line saying how to ``resume``."""
     try:
         return action()
     except (ValueError, FileNotFoundError, storage.StorageError) as exc:
-        typer.secho(f"error: {storage.redact(str(exc))}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
+        _fail(f"error: {storage.redact(str(exc))}")
+    except KeyboardInterrupt:
+        from pipeline.cluster import disconnect
+
+        disconnect()
+        typer.secho(f"\ninterrupted: work already committed is kept; {resume}", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130) from None
+    except (typer.Exit, typer.Abort, click.ClickException):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a page of traceback
+        _fail(f"error: {type(exc).__name__}: {storage.redact(str(exc))} (run with --verbose for the traceback)")
+
+
+def _fail(line: str) -> NoReturn:
+    if _verbose():
+        traceback.print_exc()
+    typer.secho(line, fg=typer.colors.RED, err=True)
+    raise typer.Exit(1) from None
 
 
 def _print_dataset_summary(result: dict[str, Any]) -> None:
@@ -132,22 +196,19 @@ def ingest_coco_command(
     storage_option: StorageOption = None,
 ) -> None:
     """Ingest a COCO-format dataset (instances JSON + images) with its boxes and categories."""
-    from flows.pipelines import ingest_flow
-
     options = _storage(storage_option)
-    result = _run(
-        lambda: ingest_flow(
-            IngestSpec(
-                out_uri,
-                source="coco",
-                images_uri=images,
-                annotations_uri=annotations,
-                shard_size=shard_size,
-                lease_wait_s=wait_for_lease,
-                storage=options,
-            )
+    spec = _run(
+        lambda: IngestSpec(
+            out_uri,
+            source="coco",
+            images_uri=images,
+            annotations_uri=annotations,
+            shard_size=shard_size,
+            lease_wait_s=wait_for_lease,
+            storage=options,
         )
     )
+    result = _run(lambda: _flows().ingest_flow(spec))
     _print_dataset_summary(result)
 
 
@@ -163,22 +224,19 @@ def ingest_images_command(
     storage_option: StorageOption = None,
 ) -> None:
     """Ingest every image file under a prefix (jpg, png, webp, bmp, gif, tiff; any case), unlabelled."""
-    from flows.pipelines import ingest_flow
-
     options = _storage(storage_option)
-    result = _run(
-        lambda: ingest_flow(
-            IngestSpec(
-                out_uri,
-                source="images",
-                images_uri=prefix_uri,
-                shard_size=shard_size,
-                only_new=only_new,
-                lease_wait_s=wait_for_lease,
-                storage=options,
-            )
+    spec = _run(
+        lambda: IngestSpec(
+            out_uri,
+            source="images",
+            images_uri=prefix_uri,
+            shard_size=shard_size,
+            only_new=only_new,
+            lease_wait_s=wait_for_lease,
+            storage=options,
         )
     )
+    result = _run(lambda: _flows().ingest_flow(spec))
     _print_dataset_summary(result)
 
 
@@ -193,23 +251,20 @@ def synth_command(
     storage_option: StorageOption = None,
 ) -> None:
     """Generate a synthetic dataset of simple shapes with exact boxes (deterministic by seed)."""
-    from flows.pipelines import ingest_flow
-
     options = _storage(storage_option)
-    result = _run(
-        lambda: ingest_flow(
-            IngestSpec(
-                out_uri,
-                source="synthetic",
-                num_images=images,
-                seed=seed,
-                image_size=image_size,
-                shard_size=shard_size,
-                lease_wait_s=wait_for_lease,
-                storage=options,
-            )
+    spec = _run(
+        lambda: IngestSpec(
+            out_uri,
+            source="synthetic",
+            num_images=images,
+            seed=seed,
+            image_size=image_size,
+            shard_size=shard_size,
+            lease_wait_s=wait_for_lease,
+            storage=options,
         )
     )
+    result = _run(lambda: _flows().ingest_flow(spec))
     _print_dataset_summary(result)
 
 
@@ -292,11 +347,11 @@ def evaluate_command(
     storage_option: StorageOption = None,
 ) -> None:
     """COCO metrics (AP, AP50, AP75, APs/m/l, AR) of committed detections; writes metrics.json and pr_curve.png."""
-    from flows.pipelines import evaluate_flow
     from pipeline.evaluate import format_metrics
 
     options = _storage(storage_option)
-    metrics = _run(lambda: evaluate_flow(EvaluateSpec(data_uri, out_uri, storage=options)))
+    spec = _run(lambda: EvaluateSpec(data_uri, out_uri, storage=options))
+    metrics = _run(lambda: _flows().evaluate_flow(spec))
     typer.echo(format_metrics(metrics))
     typer.echo(f"\nwrote {storage.redact(storage.join(out_uri, 'metrics.json'))} and pr_curve.png")
 
@@ -324,12 +379,9 @@ def infer_command(
     storage_option: StorageOption = None,
 ) -> None:
     """Batch inference on Ray: every uncommitted shard → detections, exactly once per shard."""
-    from flows.pipelines import ShardsFailed, inference_flow
-
     options = _storage(storage_option)
-
-    def run(on_progress: Callable[[Any], None] | None) -> dict[str, Any]:
-        spec = InferenceSpec(
+    spec = _run(
+        lambda: InferenceSpec(
             data_uri,
             out_uri,
             model,
@@ -343,9 +395,13 @@ def infer_command(
             cluster=_cluster(ray_address, shared_fs),
             storage=options,
         )
+    )
+    pipelines = _run(_flows)
+
+    def run(on_progress: Callable[[Any], None] | None) -> dict[str, Any]:
         try:
-            return inference_flow(spec, on_progress)
-        except ShardsFailed as failed:
+            return pipelines.inference_flow(spec, on_progress)
+        except pipelines.ShardsFailed as failed:
             return failed.summary
 
     summary = _run(lambda: _with_progress(run))
@@ -388,11 +444,9 @@ def detect_new_command(
 ) -> None:
     """Incremental run (what the nightly deployment does): ingest only images not in the dataset yet,
     detect only in uncommitted shards. Over an unchanged prefix it does no work."""
-    from flows.pipelines import ShardsFailed, detect_new_images_flow
-
     options = _storage(storage_option)
 
-    def run(on_progress: Callable[[Any], None] | None) -> dict[str, Any]:
+    def build() -> DetectNewSpec:
         inference = InferenceSpec(
             dataset_uri,
             out_uri,
@@ -404,9 +458,15 @@ def detect_new_command(
             cluster=_cluster(ray_address, shared_fs),
             storage=options,
         )
+        return DetectNewSpec(images_uri, inference, shard_size=shard_size)
+
+    spec = _run(build)
+    pipelines = _run(_flows)
+
+    def run(on_progress: Callable[[Any], None] | None) -> dict[str, Any]:
         try:
-            return detect_new_images_flow(DetectNewSpec(images_uri, inference, shard_size=shard_size), on_progress)
-        except ShardsFailed as failed:
+            return pipelines.detect_new_images_flow(spec, on_progress)
+        except pipelines.ShardsFailed as failed:
             return {"new_images": None, "inference": failed.summary}
 
     result = _run(lambda: _with_progress(run))
@@ -441,14 +501,11 @@ def train_command(
     storage_option: StorageOption = None,
 ) -> None:
     """Train a Faster R-CNN with DDP on Ray Train; checkpoints and metrics in object storage."""
-    from flows.pipelines import train_and_evaluate_flow, train_flow
-
     if val and (resume or num_classes is not None):
         raise typer.BadParameter("--val trains from scratch with the dataset's classes", param_hint="--val")
     options = _storage(storage_option)
-
-    def run() -> dict[str, Any]:
-        spec = TrainSpec(
+    spec = _run(
+        lambda: TrainSpec(
             data_uri,
             model_out_uri,
             preset=preset,
@@ -465,11 +522,15 @@ def train_command(
             cluster=_cluster(ray_address, shared_fs),
             storage=options,
         )
-        if val:
-            return train_and_evaluate_flow(spec)
-        return {"training": train_flow(spec), "metrics": None}
+    )
+    pipelines = _run(_flows)
 
-    result = _run(run)
+    def run() -> dict[str, Any]:
+        if val:
+            return pipelines.train_and_evaluate_flow(spec)
+        return {"training": pipelines.train_flow(spec), "metrics": None}
+
+    result = _run(run, resume="add --resume to continue from the last checkpoint")
     summary, metrics = result["training"], result["metrics"]
     typer.echo(
         f"steps       {summary['steps']} ({summary['epochs_seen']:.2f} epochs) in {summary['seconds']:.0f} s, "
@@ -487,10 +548,9 @@ def train_command(
 
 
 def _with_progress(run: Callable[[Callable[[Any], None] | None], T]) -> T:
-    """``run(on_progress)`` with a rich progress bar on a terminal; elsewhere the flow's own log
-    lines (every 10 s) are the progress."""
+    """``run(on_progress)`` with a rich progress bar on a terminal; elsewhere a plain line every 10 s."""
     if not sys.stderr.isatty():
-        return run(None)
+        return run(_progress_lines(10.0))
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(
@@ -509,8 +569,83 @@ def _with_progress(run: Callable[[Callable[[Any], None] | None], T]) -> T:
         return run(update)
 
 
+def _progress_lines(every_s: float) -> Callable[[Any], None]:
+    """A progress callback printing one line to stderr at most every ``every_s`` seconds."""
+    last = [time.monotonic()]
+
+    def update(summary: Any) -> None:
+        if time.monotonic() - last[0] >= every_s:
+            last[0] = time.monotonic()
+            typer.echo(
+                f"progress    {summary.shards_done + summary.shards_skipped}/{summary.shards_total} shards, "
+                f"{summary.images_per_s:.1f} images/s, {summary.errors} errors",
+                err=True,
+            )
+
+    return update
+
+
+@server_app.command("status")
+def server_status_command() -> None:
+    """Whether the local Prefect server runs, where, and which Prefect API commands use."""
+    from flows import local_server
+
+    configured = local_server.configured_api_url()
+    info = local_server.running(local_server.ServerPaths.default())
+    if configured:
+        typer.echo(f"commands use the Prefect API configured here: {configured}")
+    if info:
+        typer.echo(f"local server running: {info['ui']} (pid {info['pid']}, since {info['started_at']})")
+    else:
+        typer.echo("no local server running")
+
+
+@server_app.command("start")
+def server_start_command() -> None:
+    """Start the local Prefect server now (commands start it on first use anyway)."""
+    from flows import local_server
+
+    url = local_server.ensure(local_server.ServerPaths.default(), lambda line: typer.echo(line, err=True))
+    typer.echo(f"local server running: {url}")
+
+
+@server_app.command("stop")
+def server_stop_command() -> None:
+    """Stop the local Prefect server (its runs stay in Prefect's database for the next one)."""
+    from flows import local_server
+
+    info = local_server.stop(local_server.ServerPaths.default())
+    typer.echo(f"stopped the local server at {info['ui']}" if info else "no local server was running")
+
+
+@contextlib.contextmanager
+def _interrupts() -> Iterator[None]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt once (the run stops cleanly: in-flight shards are
+    abandoned, the manifest says ``interrupted``); a second one exits at once. A process started with
+    SIGINT ignored (a background job) keeps ignoring it."""
+    received: list[int] = []
+
+    def handler(signum: int, _frame: Any) -> None:
+        received.append(signum)
+        if len(received) > 1:
+            os.write(2, b"\ninterrupted again: exiting now\n")
+            os._exit(130)
+        raise KeyboardInterrupt
+
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    for number, old in previous.items():
+        if old is not signal.SIG_IGN:
+            signal.signal(number, handler)
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+
 def main() -> None:
-    app()
+    with _interrupts():
+        app()
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ checkpoint, ingest and evaluate rewrite whole objects atomically.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -74,8 +75,14 @@ def _retry_condition(task_: Any, task_run: Any, state: Any) -> bool:
         state.result()
     except BaseException as exc:  # noqa: BLE001 - the state carries the task's exception
         retry = task_retry_can_help(exc)
-        get_run_logger().warning(
-            "%s: %s — %s", task_.name, storage.redact(str(exc)), "retrying" if retry else "not retried"
+        # A retry is news (a warning); a final failure is the caller's to report (at the CLI: the
+        # error line), so the run's log keeps it without printing it twice.
+        get_run_logger().log(
+            logging.WARNING if retry else logging.INFO,
+            "%s: %s — %s",
+            task_.name,
+            storage.redact(str(exc)),
+            "retrying" if retry else "not retried",
         )
         return retry
     return False
@@ -194,6 +201,7 @@ def pending_shards_task(spec: InferenceSpec) -> list[str]:
     from pipeline.inference import check_output
     from pipeline.outputs import OutputStore
 
+    storage.ensure_bucket(spec.out_uri, spec.storage)  # the output's bucket before any input is read
     dataset = open_dataset(spec.data_uri, spec.storage)
     if spec.replace:
         return [s.name for s in dataset.shards]

@@ -33,12 +33,22 @@ def connect(cluster: ClusterSpec) -> ClusterInfo:
         ray.init(
             address=address or None,
             include_dashboard=False if not address else None,
-            log_to_driver=True,
+            log_to_driver=cluster.worker_logs,
             logging_level=logging.WARNING,
         )
     resources = ray.cluster_resources()
     nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
     return ClusterInfo(nodes=nodes, cpus=int(resources.get("CPU", 0)), gpus=int(resources.get("GPU", 0)))
+
+
+def disconnect() -> None:
+    """Leave Ray if this process joined it: a local cluster this process started stops with it
+    (its processes, the agents its raylet started included), a remote one keeps running."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def check_locations(uris: list[str], cluster: ClusterSpec, info: ClusterInfo) -> None:

@@ -257,12 +257,13 @@ class InferenceRun:
         return self.summary
 
     def abandon(self, exc: BaseException) -> None:
-        """The driver stops early (refused by the cluster, interrupted): say so in the manifest if
+        """The driver stops early (interrupted, refused by the cluster): say so in the manifest if
         storage lets us (and the output is still this run's)."""
         if self.lease is not None and self.lease.lost.is_set():
             return
         self.summary.seconds = time.perf_counter() - self.started
-        manifest = build_manifest(self.spec, self.summary, state="stopped")
+        state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "stopped"
+        manifest = build_manifest(self.spec, self.summary, state=state)
         manifest["error"] = storage.redact(f"{type(exc).__name__}: {exc}", storage.secret_values(self.spec.storage))
         try:
             self.store.write_manifest(manifest)
@@ -281,7 +282,8 @@ def build_manifest(
     committed: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The run's ``_manifest.json``: ids, ``state`` (``running``, ``finished``, ``failed``: some
-    shard failed, ``stopped``: the driver stopped early), the output's identity, the job's settings (no secrets:
+    shard failed, ``interrupted``: Ctrl-C or SIGTERM, ``stopped``: the driver stopped early on an
+    error), the output's identity, the job's settings (no secrets:
     ``spec.public()``), versions, this run's summary; given the commit records, per-shard states
     and totals."""
     manifest = {

@@ -93,10 +93,13 @@ class JobSpec:
 class ClusterSpec:
     """Where Ray work runs. ``ray_address``: a cluster to join (default ``RAY_ADDRESS`` or a local
     one). ``shared_filesystem``: local paths are on a filesystem every node mounts (NFS, Lustre),
-    so they may be used on a cluster of several nodes."""
+    so they may be used on a cluster of several nodes. ``worker_logs``: print the Ray processes'
+    output (actors, Ray Train's controller and workers) on the driver's terminal (the CLI shows it
+    with ``--verbose``; it is always in Ray's session logs)."""
 
     ray_address: str | None = None
     shared_filesystem: bool = False
+    worker_logs: bool = True
 
 
 @dataclass(frozen=True)

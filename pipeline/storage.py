@@ -60,6 +60,8 @@ T = TypeVar("T")
 
 # Retry policy, read once. Defaults ride out a ~30 s outage of the store.
 RETRY_ATTEMPTS = int(os.environ.get("DETECTFLOW_STORAGE_RETRIES", "10"))
+FIRST_CONTACT_ATTEMPTS = 3  # connection attempts to an object store this process never reached
+_REACHED = "_detectflow_reached"
 RETRY_BASE_DELAY_S = float(os.environ.get("DETECTFLOW_STORAGE_RETRY_BASE_S", "0.25"))
 RETRY_MAX_DELAY_S = float(os.environ.get("DETECTFLOW_STORAGE_RETRY_MAX_S", "8"))
 
@@ -183,8 +185,23 @@ def filesystem(uri: str, storage_options: StorageOptions | None = None) -> tuple
 
 
 def retrying(fs: fsspec.AbstractFileSystem, operation: Callable[[], T], *, uri: str, what: str) -> T:
-    """:func:`with_retries` for an operation on ``fs``: its credentials redacted, its endpoint named."""
-    return with_retries(operation, uri=uri, what=what, secrets=_secrets_of(fs), endpoint=endpoint_of(fs))
+    """:func:`with_retries` for an operation on ``fs``: its credentials redacted, its endpoint named.
+    An object store this process has never reached gets :data:`FIRST_CONTACT_ATTEMPTS` attempts
+    to connect, not the full budget: an endpoint that never answered is most likely a wrong URL or
+    a server that is not running, and the user should hear so in seconds (the mark lives on the
+    fsspec instance, which fsspec caches per process and options)."""
+    reached = not hasattr(fs, "call_s3") or getattr(fs, _REACHED, False)
+    result = with_retries(
+        operation,
+        uri=uri,
+        what=what,
+        secrets=_secrets_of(fs),
+        endpoint=endpoint_of(fs),
+        connect_attempts=None if reached else FIRST_CONTACT_ATTEMPTS,
+    )
+    if not reached:
+        setattr(fs, _REACHED, True)
+    return result
 
 
 def _secrets_of(fs: fsspec.AbstractFileSystem) -> set[str]:
@@ -404,13 +421,16 @@ def with_retries(
     on_retry: Callable[[int, BaseException], None] | None = None,
     secrets: Iterable[str] = (),
     endpoint: str | None = None,
+    connect_attempts: int | None = None,
 ) -> T:
     """Run ``operation``; retry transient failures with jittered exponential backoff.
 
     Raises :class:`StorageError` naming ``what`` and the redacted ``uri`` when the failure is
     permanent or the attempts are used up. ``secrets`` (credential values, see
     :func:`secret_values`) are removed from the message; when the underlying error's text held one,
-    the error is not chained either, so that no traceback can print it.
+    the error is not chained either, so that no traceback can print it. With ``connect_attempts``,
+    failing to connect that many times is final (and not transient: retrying later will not help
+    an endpoint that never answered).
     """
     attempts = RETRY_ATTEMPTS if attempts is None else attempts
     secrets = (*secrets, *_userinfo_secrets(uri))
@@ -422,15 +442,12 @@ def with_retries(
             raise
         except Exception as exc:  # noqa: BLE001 — classified below, re-raised as StorageError
             transient = is_transient(exc)
-            if not transient or attempt == attempts:
-                raw_detail = f"{type(exc).__name__}: {exc}"
-                detail = redact(raw_detail, secrets)
-                reason = failure_reason(exc)
-                cause = f"{reason}{f' (endpoint {endpoint})' if endpoint else ''}: " if reason else ""
-                suffix = f" after {attempt} attempts" if transient else ""
-                message = f"{what} {safe_uri} failed{suffix}: {cause}{detail}"
-                error = StorageError(message, uri=safe_uri, transient=transient, reason=reason)
-                if detail != raw_detail:
+            reason = failure_reason(exc)
+            never_reached = connect_attempts is not None and reason == UNREACHABLE and attempt >= connect_attempts
+            if not transient or attempt == attempts or never_reached:
+                where = (what, safe_uri, endpoint, attempt)
+                error, held_secret = _storage_error(exc, where, reason, secrets, never_reached)
+                if held_secret:
                     raise error from None
                 raise error from exc
             delay = min(RETRY_MAX_DELAY_S, RETRY_BASE_DELAY_S * 2 ** (attempt - 1))
@@ -448,6 +465,36 @@ def with_retries(
                 on_retry(attempt, exc)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def _storage_error(
+    exc: Exception,
+    where: tuple[str, str, str | None, int],
+    reason: str | None,
+    secrets: Iterable[str],
+    never_reached: bool,
+) -> tuple[StorageError, bool]:
+    """The one-line error for a failed operation: what, where, the reason with its bucket and
+    endpoint, and the service's own words only when they add something; and whether those words
+    held a secret (then the error must not be chained to ``exc``). ``where``: what was done, the
+    redacted URI, the endpoint and the attempt that failed last."""
+    what, safe_uri, endpoint, attempt = where
+    raw_detail = f"{type(exc).__name__}: {exc}"
+    detail = redact(raw_detail, secrets)
+    transient = is_transient(exc) and not never_reached
+    bucket = _bucket_of(safe_uri, safe_uri.split("://", 1)[-1])
+    words = reason or ""
+    if reason in (NO_BUCKET, ACCESS_DENIED) and bucket:
+        words = f"{reason} {bucket!r}" if reason == NO_BUCKET else f"{reason} to bucket {bucket!r}"
+    if endpoint and reason:
+        words += f" (endpoint {endpoint})"
+    if never_reached:
+        words += ": no request to it has succeeded; is the endpoint URL right and the server running?"
+    elif reason not in (NOT_FOUND, NO_BUCKET):
+        words = f"{words}: {detail}" if words else detail
+    suffix = f" after {attempt} attempts" if attempt > 1 else ""
+    error = StorageError(f"{what} {safe_uri} failed{suffix}: {words}", uri=safe_uri, transient=transient, reason=reason)
+    return error, detail != raw_detail
 
 
 # ----------------------------------------------------------------------------- operations
@@ -582,7 +629,7 @@ def ensure_bucket(uri: str, storage_options: StorageOptions | None = None) -> No
 
     def check() -> None:
         if not _bucket_exists(fs, bucket):
-            raise FileNotFoundError(f"bucket {bucket!r} does not exist")
+            raise FileNotFoundError(f"no such bucket {bucket!r}")
 
     retrying(fs, check, uri=uri, what="opening bucket of")
 

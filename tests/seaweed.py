@@ -55,7 +55,7 @@ def weed_binary() -> str:
 class SeaweedS3:
     """One ``weed server`` with master, volume, filer and S3 gateway, all on free loopback ports."""
 
-    def __init__(self, data_dir: str | os.PathLike, *, start_timeout: float = 60.0):
+    def __init__(self, data_dir: str | os.PathLike, *, start_timeout: float = 60.0, s3_port: int | None = None):
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.start_timeout = start_timeout
@@ -72,6 +72,8 @@ class SeaweedS3:
                 "s3.grpc",
             )
         }
+        if s3_port is not None:
+            self.ports["s3"] = s3_port
         self.endpoint_url = f"http://127.0.0.1:{self.ports['s3']}"
         self.log_path = self.data_dir / "weed.log"
         self.identities_path = self.data_dir / "s3-identities.json"
@@ -237,3 +239,37 @@ def restore_env(previous: dict[str, str | None]) -> None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def serve(argv: list[str] | None = None) -> int:
+    """``python -m tests.seaweed`` (``make s3-server``): a local S3 server for trying detectflow's
+    S3 paths, up until Ctrl-C; prints the settings to use."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tests.seaweed", description=serve.__doc__)
+    parser.add_argument("--port", type=int, default=8333, help="S3 port on 127.0.0.1 (default 8333)")
+    parser.add_argument("--dir", default=".s3-data", help="where the objects are kept (default .s3-data)")
+    parser.add_argument("--bucket", action="append", default=[], help="bucket to create if absent (repeatable)")
+    args = parser.parse_args(argv)
+    server = SeaweedS3(Path(args.dir).resolve(), s3_port=args.port)
+    stop: list[int] = []
+    signal.signal(signal.SIGTERM, lambda number, _frame: stop.append(number))
+    with server:
+        fs = server.filesystem()
+        for bucket in args.bucket:
+            if not fs.exists(bucket):
+                fs.mkdir(bucket)
+        lines = [f"export {key}={value}" for key, value in server.env().items()]
+        print("local S3 server (SeaweedFS) up; in another shell:\n  " + "\n  ".join(lines), flush=True)
+        print(f"or pass -S key={ACCESS_KEY} -S secret={SECRET_KEY} -S client_kwargs.endpoint_url={server.endpoint_url}")
+        print(f"buckets: {', '.join(args.bucket) or '(none: create with --bucket NAME)'}; Ctrl-C stops it", flush=True)
+        try:
+            while not stop and server.process.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(serve())

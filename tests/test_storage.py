@@ -193,6 +193,7 @@ def test_transient_outage_is_retried(s3_server, monkeypatch, caplog) -> None:
     monkeypatch.setattr(storage, "RETRY_BASE_DELAY_S", 0.2)
     monkeypatch.setattr(storage, "RETRY_MAX_DELAY_S", 1.0)
     caplog.set_level(logging.WARNING, logger="pipeline.storage")
+    assert storage.read_bytes(bucket + "/object", single_shot) == b"survives"  # reached once: an outage, not a typo
     s3_server.stop()
     restarter = threading.Timer(3.0, s3_server.start)
     restarter.start()
@@ -204,6 +205,22 @@ def test_transient_outage_is_retried(s3_server, monkeypatch, caplog) -> None:
         restarter.join()
     retried = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
     assert len(retried) >= 2 and all(bucket + "/object" in line for line in retried)
+
+
+def test_an_endpoint_never_reached_fails_in_seconds() -> None:
+    """A wrong endpoint URL (or a server that is not running) is not an outage to ride out: after
+    a few connection attempts the error says so, and is not marked transient (no task retries)."""
+    options = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}
+    started = time.monotonic()
+    with pytest.raises(storage.StorageError) as caught:
+        storage.read_bytes("s3://photos/never.json", options)
+    assert time.monotonic() - started < 15
+    error = caught.value
+    assert error.reason == storage.UNREACHABLE and not error.transient
+    assert str(error) == (
+        "reading s3://photos/never.json failed after 3 attempts: could not connect (endpoint http://127.0.0.1:9): "
+        "no request to it has succeeded; is the endpoint URL right and the server running?"
+    )
 
 
 def test_environment_configures_s3_in_new_processes(s3_server) -> None:

@@ -9,6 +9,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -142,7 +143,7 @@ def _fit(spec: TrainSpec, plan: TrainPlan, report: Progress) -> list[WorkerStart
     poller = threading.Thread(target=poll_progress, args=(sink, report, stop), name="train-progress", daemon=True)
     poller.start()
     try:
-        result = trainer.fit()
+        result = _fit_off_main_thread(trainer)
         starts = ray.get(sink.worker_starts.remote(), timeout=30)
     finally:
         stop.set()
@@ -152,3 +153,25 @@ def _fit(spec: TrainSpec, plan: TrainPlan, report: Progress) -> list[WorkerStart
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}")
     return starts
+
+
+def _fit_off_main_thread(trainer: Any) -> Any:
+    """``trainer.fit()`` on a helper thread. On the main thread Ray Train replaces the process's
+    SIGINT handler with its own (abort, then exit 0 or 1 with no word); here an interrupt reaches
+    the caller as KeyboardInterrupt, and leaving Ray (``cluster.disconnect``) stops the run's
+    actors. The last checkpoint stays: ``--resume`` continues from it."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
