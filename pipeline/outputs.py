@@ -16,8 +16,11 @@ Layout at ``OUT_URI/``::
 
 Commit protocol:
 
-1. A worker writes ``images/<shard>.parquet`` and ``detections/<shard>.parquet`` (each atomically;
+1. A worker writes ``detections/<shard>.parquet``, then ``images/<shard>.parquet`` (each atomically;
    the names are deterministic, so a rewrite replaces, never adds), *then* ``_commits/<shard>.json``.
+   ``clear`` removes them in the reverse order (commit records, images, detections). Raw readers
+   (DuckDB, Polars, Spark over the folders) that list ``images/`` first and ``detections/`` second
+   therefore see every shard of the first listing in the second, each file whole.
 2. A shard is committed iff its commit record exists. Readers (``query``, ``evaluate``) read the
    files of committed shards only, so a half-written shard is invisible.
 3. A run skips committed shards and (re)writes the others from scratch, overwriting any partial
@@ -61,7 +64,7 @@ IDENTITY = "_identity.json"
 IDENTITY_FORMAT = "detectflow.output-identity/1"
 # What a replacing run deletes, in this order: commit records first, so that a reader never sees a
 # committed shard whose files are gone; the identity last.
-REPLACED = (COMMITS, DETECTIONS, IMAGES, "metrics.json", "pr_curve.png", MANIFEST, IDENTITY)
+REPLACED = (COMMITS, IMAGES, DETECTIONS, "metrics.json", "pr_curve.png", MANIFEST, IDENTITY)
 
 DETECTIONS_SCHEMA = pa.schema(
     [
@@ -180,8 +183,9 @@ class OutputStore:
         plus the shard's name and row counts."""
         images = images.cast(IMAGES_SCHEMA)
         detections = detections.cast(DETECTIONS_SCHEMA)
-        storage.write_bytes(self.file_uri(IMAGES, shard), to_parquet_bytes(images), self.storage_options)
+        # detections before images (see the module docstring: what raw readers may rely on)
         storage.write_bytes(self.file_uri(DETECTIONS, shard), to_parquet_bytes(detections), self.storage_options)
+        storage.write_bytes(self.file_uri(IMAGES, shard), to_parquet_bytes(images), self.storage_options)
         commit = {**record, "shard": shard, "num_images": images.num_rows, "num_detections": detections.num_rows}
         storage.write_json(self.commit_uri(shard), commit, self.storage_options)
 
@@ -265,7 +269,8 @@ class OutputStore:
 
     def clear(self) -> None:
         """Delete the outputs (:data:`REPLACED`): commit records first, so that no reader ever sees
-        a committed shard whose files are gone, then the files, the manifest and the identity.
+        a committed shard whose files are gone, then images before detections (the reverse of
+        their writing), the manifest and the identity.
         Other files under the prefix are left alone."""
         for name in REPLACED:
             storage.delete(storage.join(self.uri, name), self.storage_options)

@@ -3,10 +3,18 @@ only once its commit record exists, partial writes are replaced, committed shard
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from detector import build_detector, save_checkpoint
 from pipeline import storage
+from pipeline.inference import run_inference
+from pipeline.ingest import ingest_synthetic
+from pipeline.jobs import InferenceSpec
 from pipeline.outputs import DETECTIONS_SCHEMA, IMAGES_SCHEMA, OutputStore, to_parquet_bytes
 from pipeline.query import query
 
@@ -111,3 +119,53 @@ def test_tables_keep_their_schemas_and_the_manifest_round_trips(storage_root: st
     assert store.read_manifest() == manifest
     with pytest.raises(ValueError, match="unknown output table 'boxes'"):
         store.committed_files("boxes")
+
+
+def test_a_raw_reader_polling_during_runs_never_sees_half_a_shard(tmp_path, monkeypatch) -> None:
+    """A reader that globs ``images/`` and then ``detections/`` (as the README tells raw readers to)
+    while a run writes the output, and while ``replace`` clears and rewrites it, finds every shard
+    of its ``images/`` listing in its ``detections/`` listing, and every listed file whole. Each
+    output write and delete is slowed down, so that a wrong order would be seen."""
+    dataset = ingest_synthetic(f"file://{tmp_path}/data", num_images=12, image_size=48, shard_size=2)
+    save_checkpoint(build_detector("tiny", 4), tmp_path / "model.pt")
+    out = tmp_path / "out"
+    for name in ("write_bytes", "delete"):
+        original = getattr(storage, name)
+
+        def slowed(uri, *args, _original=original, **kwargs):
+            result = _original(uri, *args, **kwargs)
+            if "/images" in uri or "/detections" in uri:
+                time.sleep(0.05)
+            return result
+
+        monkeypatch.setattr(storage, name, slowed)
+    stop, problems, sizes = threading.Event(), [], []
+
+    def poll() -> None:
+        while not stop.is_set():
+            images = {path.stem for path in (out / "images").glob("*.parquet")}
+            detections = {path.stem for path in (out / "detections").glob("*.parquet")}
+            if not images <= detections:
+                problems.append(f"in images/ only: {sorted(images - detections)}")
+            for table, names in (("images", images), ("detections", detections)):
+                for name in names:
+                    try:
+                        pq.read_metadata(out / table / f"{name}.parquet")
+                    except FileNotFoundError:
+                        pass  # removed since the listing (replace): gone whole
+            sizes.append(len(images))
+            time.sleep(0.002)
+
+    reader = threading.Thread(target=poll, daemon=True)
+    reader.start()
+    try:
+        for replace in (False, True):
+            spec = InferenceSpec(
+                dataset.uri, f"file://{out}", str(tmp_path / "model.pt"), executor="local", replace=replace
+            )
+            assert run_inference(spec).shards_done == 6
+    finally:
+        stop.set()
+        reader.join(timeout=10)
+    assert problems == []
+    assert {0, 6} <= set(sizes) and len(set(sizes)) >= 4  # it polled through both runs, mid-way too
