@@ -35,6 +35,20 @@ def save_checkpoint(model: FasterRCNN, file: FileLike, class_names: Sequence[str
     torch.save(payload, file)
 
 
+def checkpoint_class_names(file: FileLike | bytes) -> list[str] | None:
+    """The class names (index = label, ``[0]`` the background) a checkpoint of ours records, without
+    building the model; None for a bare state dict or a checkpoint without names."""
+    if isinstance(file, (bytes, bytearray)):
+        file = io.BytesIO(file)
+    try:
+        payload = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors come in many types
+        raise ValueError(f"cannot read a detector checkpoint from {_name(file)}: {exc}") from exc
+    if isinstance(payload, dict) and payload.get("format") == FORMAT:
+        return payload.get("class_names")
+    return None
+
+
 def load_checkpoint(
     file: FileLike,
     *,

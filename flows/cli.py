@@ -316,7 +316,9 @@ def show_command(
     dataset: Annotated[
         str | None, typer.Option("--dataset", help="Dataset holding the images (default: the run's).")
     ] = None,
-    score_threshold: Annotated[float, typer.Option("--score-threshold", help="Draw boxes at least this sure.")] = 0.0,
+    score_threshold: Annotated[
+        float, typer.Option("--score-threshold", min=0.0, max=1.0, help="Draw boxes at least this sure.")
+    ] = 0.5,
     columns: Annotated[int, typer.Option("--columns", min=1, help="Images per row of a sheet.")] = 4,
     storage_option: StorageOption = None,
 ) -> None:

@@ -160,6 +160,33 @@ class Dataset:
         return bool(self.source.get("labelled")) and bool(self.categories)
 
 
+def class_mismatch(model_names: dict[int, str], dataset: Dataset, *, every_class: bool = True) -> str | None:
+    """A one-line warning when a model's classes (label → name) are not the labelled dataset's
+    categories (label → name), or None when they agree (or the dataset has no labels). Detections
+    are scored by label number, so a model of other classes scores 0 on every category. With
+    ``every_class=False`` (names seen in detections: a subset) only the given labels are compared."""
+    if not dataset.has_labels:
+        return None
+    expected = {label: name for label, name in enumerate(dataset.class_names) if label > 0}
+    found = {label: name for label, name in model_names.items() if label > 0}
+    labels = set(expected) | set(found) if every_class else set(found)
+    differing = sorted(label for label in labels if expected.get(label) != found.get(label))
+    if not differing:
+        return None
+    whose = "model" if every_class else "detections"
+    examples = ", ".join(
+        f"label {label} is {found.get(label, '(none)')!r} in the {whose}, "
+        f"{expected.get(label, '(none)')!r} in the dataset"
+        for label in differing[:2]
+    )
+    more = f" and {len(differing) - 2} more" if len(differing) > 2 else ""
+    count = f"the model's {len(found)} classes" if every_class else "the classes of the detections"
+    return (
+        f"{count} are not the {len(expected)} categories of dataset {storage.redact(dataset.uri)}: "
+        f"{examples}{more}; scores against its labels will be near 0"
+    )
+
+
 def descriptor_uri(uri: str) -> str:
     """The URI of the descriptor (``dataset.json``) of the dataset at ``uri``."""
     return storage.join(uri, DESCRIPTOR)

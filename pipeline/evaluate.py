@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 import numpy as np
 
 SUMMARY_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -132,7 +135,7 @@ def evaluate(dataset_uri: str, out_uri: str, *, storage_options=None, write: boo
     dataset at ``dataset_uri`` (images of uncommitted shards are left out of both). Writes
     ``OUT_URI/metrics.json`` and a precision-recall plot ``OUT_URI/pr_curve.png`` when ``write``."""
     from . import storage
-    from .dataset import open_dataset
+    from .dataset import class_mismatch, open_dataset
     from .outputs import OutputStore
 
     dataset = open_dataset(dataset_uri, storage_options)
@@ -144,14 +147,25 @@ def evaluate(dataset_uri: str, out_uri: str, *, storage_options=None, write: boo
     if not shards:
         raise ValueError(f"no committed outputs of dataset {storage.redact(dataset_uri)} in {storage.redact(out_uri)}")
     gt = _ground_truth(shards, storage_options)
-    dt = _detections_of(store.read_table("detections", [s.name for s in shards]), gt)
+    detections = store.read_table("detections", [s.name for s in shards])
+    dt = _detections_of(detections, gt)
     metrics = coco_metrics(gt, dt, dataset.class_names)
+    warning = class_mismatch(_detected_classes(detections), dataset, every_class=False)
+    if warning:
+        log.warning(warning)
+        metrics["warnings"] = [warning]
     metrics["dataset"] = storage.redact(dataset.uri)
     metrics["outputs"] = storage.redact(store.uri)
     if write:
         storage.write_json(storage.join(store.uri, "metrics.json"), metrics, storage_options)
         storage.write_bytes(storage.join(store.uri, "pr_curve.png"), pr_curve_png(metrics), storage_options)
     return metrics
+
+
+def _detected_classes(detections: Any) -> dict[int, str]:
+    """Label → label name of the classes that occur in a detections table."""
+    pairs = detections.select(["label", "label_name"]).group_by(["label", "label_name"]).aggregate([])
+    return dict(zip(pairs.column("label").to_pylist(), pairs.column("label_name").to_pylist()))
 
 
 def _ground_truth(shards: Sequence[Any], storage_options: Any) -> list[ImageGT]:

@@ -41,7 +41,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from . import storage
-from .dataset import ShardInfo, open_dataset
+from .dataset import Dataset, ShardInfo, class_mismatch, open_dataset
 from .decode import DEFAULT_MAX_PIXELS
 from .distributors import Completion, Distributor, ShardFailure, start_distributor
 from .jobs import InferenceSpec
@@ -108,6 +108,18 @@ def output_identity(spec: InferenceSpec, model_id: str) -> OutputIdentity:
     return OutputIdentity(model_id, settings)
 
 
+def warn_on_class_mismatch(checkpoint: bytes, dataset: Dataset) -> None:
+    """Log a warning when the model's class names are not the labelled dataset's categories."""
+    if not dataset.has_labels:
+        return
+    from detector.checkpoint import checkpoint_class_names
+
+    names = checkpoint_class_names(checkpoint)
+    warning = class_mismatch(dict(enumerate(names)), dataset) if names else None
+    if warning:
+        log.warning(warning)
+
+
 def check_output(spec: InferenceSpec) -> None:
     """Refuse ``spec`` (a ValueError naming both models and the differing settings) when its output
     belongs to another model or other settings; writes nothing. For callers that find nothing left
@@ -163,7 +175,9 @@ class InferenceRun:
         spec = self.spec
         dataset = open_dataset(spec.data_uri, spec.storage)
         storage.ensure_bucket(spec.out_uri, spec.storage)
-        model_id = model_id_of(storage.read_bytes(spec.model_uri, spec.storage))  # fails fast on a missing model
+        checkpoint = storage.read_bytes(spec.model_uri, spec.storage)  # fails fast on a missing model
+        model_id = model_id_of(checkpoint)
+        warn_on_class_mismatch(checkpoint, dataset)
         if spec.replace:
             self.store.clear()
         self.store.claim(output_identity(spec, model_id), run_id=self.run_id)

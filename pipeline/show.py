@@ -9,7 +9,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import PIL
+import PIL.ImageDraw
+import PIL.ImageFont
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -44,6 +47,7 @@ PALETTE = [
 ]
 MIN_SIDE = 512  # pixels on the longer side below which an image is enlarged for drawing
 SHEET_GAP = 8  # pixels between the images of a sheet
+DEFAULT_SCORE_THRESHOLD = 0.5  # boxes drawn by default: the sure ones, not every proposal kept
 
 
 def render(
@@ -52,7 +56,7 @@ def render(
     out_png: str,
     *,
     dataset_uri: str | None = None,
-    score_threshold: float = 0.0,
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD,
     min_side: int = MIN_SIDE,
     storage_options: StorageOptions | None = None,
 ) -> dict:
@@ -78,7 +82,7 @@ def render_sheet(
     out_png: str,
     *,
     dataset_uri: str | None = None,
-    score_threshold: float = 0.0,
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD,
     columns: int = 4,
     min_side: int = MIN_SIDE,
     storage_options: StorageOptions | None = None,
@@ -122,7 +126,7 @@ def render_sheet(
         if image_id not in encoded:
             raise ValueError(f"image {image_id!r} is not in shard {shards[image_id]} of {storage.redact(dataset_uri)}")
         picture, zoom = _draw(image_id, encoded[image_id], detections[image_id], min_side)
-        pictures.append(picture)
+        pictures.append(_captioned(picture, f"{image_id} · {len(detections[image_id])} boxes"))
         drawn.append(
             {"image_id": image_id, "shard": shards[image_id], "num_drawn": len(detections[image_id]), "zoom": zoom}
         )
@@ -174,6 +178,18 @@ def _draw(image_id: str, data: bytes, detections: list[dict[str, Any]], min_side
             label_colors=[_text_colour(colour) for colour in colours],
         )
     return image, zoom
+
+
+def _captioned(picture: torch.Tensor, text: str) -> torch.Tensor:
+    """``picture`` with ``text`` (its image id) on a white band below it."""
+    size = max(12, min(20, picture.shape[2] // 24))
+    band = Image.new("RGB", (picture.shape[2], size + 8), "white")
+    draw = PIL.ImageDraw.Draw(band)
+    font_path = _font()
+    font = PIL.ImageFont.truetype(font_path, size) if font_path else PIL.ImageFont.load_default()
+    draw.text((4, 3), text, fill="black", font=font)
+    strip = torch.from_numpy(np.array(band)).permute(2, 0, 1)
+    return torch.cat([picture, strip], dim=1)
 
 
 def _tile(pictures: list[torch.Tensor], columns: int) -> torch.Tensor:

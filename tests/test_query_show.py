@@ -139,7 +139,9 @@ def test_render_draws_the_committed_boxes(tmp_path) -> None:
     source = next(r["image"] for r in original if r["image_id"] == image_id)
     plain = decode_image(source, image_id).image.permute(1, 2, 0).numpy()
     plain = plain.repeat(6, axis=0).repeat(6, axis=1)  # enlarged with sharp pixels
-    assert picture.shape == plain.shape == (576, 576, 3)
+    assert picture.shape[1:] == (576, 3) and plain.shape == (576, 576, 3)
+    picture, caption = picture[:576], picture[576:]  # the image, then a white band with its id
+    assert 12 < caption.shape[0] < 40 and (caption < 128).any(), "the image id is written below the image"
     # 2-px outlines and 14-px labels on a 576-px picture (a blank render differs nowhere, below)
     assert (picture != plain).any(axis=2).mean() > 0.01, "boxes and labels were drawn"
     boxes, labels, _ = gt_targets(
@@ -155,7 +157,7 @@ def test_render_draws_the_committed_boxes(tmp_path) -> None:
     blank = render(out, image_id, str(tmp_path / "none.png"), dataset_uri=dataset.uri, score_threshold=0.95)
     assert blank["num_drawn"] == 0
     with Image.open(tmp_path / "none.png") as png:
-        assert np.array_equal(np.asarray(png.convert("RGB")), plain)
+        assert np.array_equal(np.asarray(png.convert("RGB"))[:576], plain)
 
 
 def test_render_sheet_tiles_the_single_renders(tmp_path) -> None:
@@ -168,14 +170,16 @@ def test_render_sheet_tiles_the_single_renders(tmp_path) -> None:
     with Image.open(tmp_path / "sheet.png") as png:
         sheet = np.asarray(png.convert("RGB"))
     gap, cell = SHEET_GAP, 576
-    assert sheet.shape == (2 * cell + 3 * gap, 2 * cell + 3 * gap, 3)
+    band = sheet.shape[0] - 2 * (cell + gap) - gap  # two caption bands, one per row
+    assert sheet.shape[1:] == (2 * cell + 3 * gap, 3) and band > 0 and band % 2 == 0
+    cell_h = cell + band // 2
     for index, image_id in enumerate(image_ids):  # cells in reading order, each the single render
         render(out, image_id, str(tmp_path / "one.png"), dataset_uri=dataset.uri)
         with Image.open(tmp_path / "one.png") as png:
             single = np.asarray(png.convert("RGB"))
-        top, left = gap + (index // 2) * (cell + gap), gap + (index % 2) * (cell + gap)
-        assert np.array_equal(sheet[top : top + cell, left : left + cell], single), image_id
-    assert (sheet[-cell - gap : -gap, -cell - gap : -gap] == 255).all()  # the fourth cell is empty
+        top, left = gap + (index // 2) * (cell_h + gap), gap + (index % 2) * (cell + gap)
+        assert np.array_equal(sheet[top : top + cell_h, left : left + cell], single), image_id
+    assert (sheet[-cell_h - gap : -gap, -cell - gap : -gap] == 255).all()  # the fourth cell is empty
     with pytest.raises(ValueError, match="image 'synth-0-0000004' is not among the committed outputs"):
         render_sheet(out, [image_ids[0], "synth-0-0000004"], str(tmp_path / "no.png"), dataset_uri=dataset.uri)
     assert not (tmp_path / "no.png").exists()
