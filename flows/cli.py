@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 from enum import Enum
 from typing import Annotated, Any, NoReturn, TypeVar
 
-import click
 import typer
 
 from pipeline import storage
@@ -45,29 +44,33 @@ app.add_typer(server_app, name="server")
 
 @app.callback()
 def _options(
-    ctx: typer.Context,
     verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Show orchestration logs (Prefect, Ray) and tracebacks.")
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="Show orchestration logs (Prefect, Ray) and tracebacks (also: DETECTFLOW_VERBOSE=1).",
+        ),
     ] = False,
 ) -> None:
     from flows import console
 
-    ctx.obj = {"verbose": verbose}
-    console.configure(verbose)
+    if verbose:
+        os.environ["DETECTFLOW_VERBOSE"] = "1"
+    console.configure(_verbose())
 
 
 def _verbose() -> bool:
-    context = click.get_current_context(silent=True)
-    obj = context.find_root().obj if context else None
-    return bool(obj and obj.get("verbose"))
+    return os.environ.get("DETECTFLOW_VERBOSE", "") not in ("", "0")
 
 
 def _flows() -> Any:
     """``flows.pipelines``, imported after the Prefect API is settled: the user's (``PREFECT_API_URL``
-    or profile), else the shared local server (started on first use; see flows.local_server)."""
+    or profile), else the shared local server (started on first use; see flows.local_server), unless
+    ``DETECTFLOW_LOCAL_SERVER=0`` asks for Prefect's own temporary server, one per command."""
     from flows import console, local_server
 
-    if local_server.configured_api_url() is None:
+    if local_server.configured_api_url() is None and os.environ.get("DETECTFLOW_LOCAL_SERVER") != "0":
         url = local_server.ensure(
             local_server.ServerPaths.default(), lambda line: typer.secho(line, fg=typer.colors.CYAN, err=True)
         )
@@ -153,7 +156,7 @@ def _run(action: Callable[[], T], *, resume: str = "run the same command again t
         disconnect()
         typer.secho(f"\ninterrupted: work already committed is kept; {resume}", fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(130) from None
-    except (typer.Exit, typer.Abort, click.ClickException):
+    except (typer.Exit, typer.Abort, typer.BadParameter):
         raise
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a page of traceback
         _fail(f"error: {type(exc).__name__}: {storage.redact(str(exc))} (run with --verbose for the traceback)")

@@ -5,8 +5,8 @@ and a deployment of deploy/prefect.yaml executed by a Prefect worker."""
 from __future__ import annotations
 
 import io
+import json
 import os
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -20,6 +20,7 @@ from detector.synthetic import CATEGORIES, make_image
 from pipeline import storage
 from pipeline.jobs import ClusterSpec, DetectNewSpec, EvaluateSpec, InferenceSpec, IngestSpec
 from pipeline.outputs import OutputStore
+from tests.readme import run_block
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 REPO = Path(__file__).resolve().parents[1]
@@ -186,80 +187,53 @@ def test_detect_new_images_is_incremental(s3_server, ray_local, model_uri) -> No
     assert images.num_rows == 22 and len(set(images.column("image_id").to_pylist())) == 22
 
 
-def test_deployment_from_prefect_yaml_runs_on_a_worker(s3_server) -> None:
-    """`prefect deploy` of deploy/prefect.yaml onto the session's server; two runs of the `ingest`
-    deployment triggered through the API at once: `prefect worker start --run-once` (a process
-    worker, as in production) runs one, which writes its dataset to the bucket, and the other waits
-    its turn (one run at a time per deployment, ENQUEUE: Scheduled, AwaitingConcurrencySlot)."""
+def test_deployment_from_prefect_yaml_runs_on_a_worker(s3_server, prefect_server, tmp_path) -> None:
+    """The README's Prefect block, as written (tests/readme.py), on the session's server: both work
+    pools, `prefect deploy --all` of deploy/prefect.yaml, a run of the `ingest` deployment, and
+    `prefect worker start` (once: `--run-once`) — with a second run of `ingest` queued before the
+    worker starts, so that the worker runs one and the other waits its turn (one run at a time per
+    deployment, ENQUEUE: Scheduled, AwaitingConcurrencySlot)."""
     from prefect.client.schemas.objects import ConcurrencyLimitStrategy
-    from prefect.deployments import run_deployment
 
     from pipeline.dataset import open_dataset
 
+    bucket = s3_server.new_bucket("deployed")
+    second = json.dumps({"spec": {"out_uri": f"{bucket}/second", "source": "synthetic", "num_images": 8}})
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    subprocess.run(
-        [PREFECT, "--no-prompt", "work-pool", "create", "detectflow", "--type", "process", "--overwrite"],
-        env=env,
+    run_block(
+        "prefect",
         cwd=REPO,
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    deployed = subprocess.run(
-        [
-            PREFECT,
-            "--no-prompt",
-            "deploy",
-            "--prefect-file",
-            "deploy/prefect.yaml",
-            "--name",
-            "ingest",
-            "--name",
-            "nightly",
-        ],
         env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        replace={
+            "prefect server start": ": prefect server start",  # the session's server
+            "http://127.0.0.1:4200/api": prefect_server,
+            "s3://detectflow/datasets/synth": f"{bucket}/first",
+            "prefect worker start --pool detectflow": f"prefect deployment run ingest/ingest --params '{second}'\n"
+            "prefect worker start --pool detectflow --run-once",
+        },
+        timeout=900,
     )
-    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
 
     with _client() as client:
         nightly = client.read_deployment_by_name("detect-new-images/nightly")
+        assert client.read_deployment_by_name("detect-new-images/nightly-docker").work_pool_name == "detectflow-docker"
+        runs = client.read_flow_runs()
+        states = {
+            run.parameters["spec"]["out_uri"].rsplit("/", 1)[-1]: run.state
+            for run in runs
+            if run.parameters.get("spec", {}).get("out_uri", "").startswith(bucket)
+        }
+        for run in runs:  # leave nothing queued on the session's server
+            if run.parameters.get("spec", {}).get("out_uri", "").startswith(bucket) and not run.state.is_final():
+                client.delete_flow_run(run.id)
     assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
     assert nightly.work_pool_name == "detectflow"
     assert nightly.global_concurrency_limit.limit == 1
     assert nightly.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
-
-    bucket = s3_server.new_bucket("deployed")
-    flow_runs = {
-        name: run_deployment(
-            "ingest/ingest",
-            parameters={
-                "spec": {"out_uri": f"{bucket}/{name}", "source": "synthetic", "num_images": 3, "image_size": 64}
-            },
-            timeout=0,  # do not wait: the worker below runs them
-        )
-        for name in ("first", "second")
-    }
-    worker = subprocess.run(
-        [PREFECT, "worker", "start", "--pool", "detectflow", "--type", "process", "--run-once"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=420,
-    )
-    with _client() as client:
-        states = {name: client.read_flow_run(run.id).state for name, run in flow_runs.items()}
-        for name, state in states.items():
-            if not state.is_final():  # leave nothing queued on the session's server
-                client.delete_flow_run(flow_runs[name].id)
     done = [name for name, state in states.items() if state.is_completed()]
     waiting = [
         name for name, state in states.items() if state.is_scheduled() and state.name == "AwaitingConcurrencySlot"
     ]
-    assert len(done) == len(waiting) == 1, (states, worker.stdout[-3000:], worker.stderr[-3000:])
-    assert open_dataset(f"{bucket}/{done[0]}").num_images == 3
+    assert len(done) == len(waiting) == 1, states
+    assert open_dataset(f"{bucket}/{done[0]}").num_images == 8
     assert not storage.exists(f"{bucket}/{waiting[0]}/dataset.json")

@@ -19,9 +19,10 @@ from detector.synthetic import CATEGORIES
 from pipeline import storage
 from pipeline.ingest import ingest_synthetic
 from pipeline.outputs import OutputStore
+from tests.readme import run_block
 from tests.seaweed import SECRET_KEY, free_port
 
-SECRET_VARIABLE = "DETECTFLOW_TEST_S3_SECRET"
+SECRET_VARIABLE = "S3_SECRET"  # the name the README uses
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
 
@@ -144,16 +145,23 @@ def test_infer_as_a_ray_job_with_token_auth(head, s3_server, tmp_path) -> None:
     assert refused.returncode != 0
     assert any(word in (refused.stdout + refused.stderr).lower() for word in ("token", "auth", "401", "unauthorized"))
 
-    # The head's job agent can come up after its dashboard answers: retry while it says so.
+    # The README's block, as written, from a machine whose HOME holds no token: the token is the
+    # head's, copied. The head's job agent can come up after its dashboard answers: retry while it
+    # says so.
+    submitter = tmp_path / "submitter"
+    submitter.mkdir()
+    replace = {
+        "scp head:.ray/auth_token head_auth_token": f"cp {head['env']['HOME']}/.ray/auth_token head_auth_token",
+        "http://127.0.0.1:8265": head["url"],
+        "s3://detectflow/datasets/photos": data_uri,
+        "s3://detectflow/detections/photos-job": out_uri,
+        "s3://detectflow/models/shapes.pt": model_uri,
+        "http://127.0.0.1:8333": options["client_kwargs"]["endpoint_url"],
+    }
+    environment = {key: value for key, value in stranger.items() if key not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     deadline = time.monotonic() + 120
     while True:
-        submitted = subprocess.run(
-            [RAY, "job", "submit", "--address", head["url"], "--", *entrypoint],
-            env=head["env"],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        submitted = run_block("ray-job", cwd=submitter, env=environment, replace=replace, timeout=600, check=False)
         if "No available agent" not in submitted.stderr + submitted.stdout or time.monotonic() > deadline:
             break
         time.sleep(3)
