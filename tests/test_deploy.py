@@ -134,8 +134,13 @@ def test_readme_commands_exist() -> None:
     blocks = re.findall(r"```(?:bash|sh|console)\n(.*?)```", readme, flags=re.S)
     commands = []
     for block in blocks:
+        variables: dict[str, str] = {}  # NAME="…" lines of the block, expanded in later lines
         for line in re.sub(r"\\\n\s*", " ", block).splitlines():
             line = line.strip()
+            for name, value in variables.items():
+                line = line.replace(f"${name}", value)
+            if assignment := re.fullmatch(r'([A-Z][A-Z0-9_]*)="(.*)"', line):
+                variables[assignment[1]] = assignment[2]
             for part in re.split(r"&&|;", line):
                 part = part.strip()
                 if part.startswith("detectflow "):
