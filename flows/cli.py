@@ -70,6 +70,7 @@ def _flows() -> Any:
     ``DETECTFLOW_LOCAL_SERVER=0`` asks for Prefect's own temporary server, one per command."""
     from flows import console, local_server
 
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # a temporary server's telemetry errors
     if local_server.configured_api_url() is None and os.environ.get("DETECTFLOW_LOCAL_SERVER") != "0":
         url = local_server.ensure(
             local_server.ServerPaths.default(), lambda line: typer.secho(line, fg=typer.colors.CYAN, err=True)
