@@ -113,14 +113,14 @@ def test_show_writes_a_png(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     assert "drew 2 detections of synth-0-0000001 (shard shard-00000)" in result.output
     with Image.open(png) as picture:
-        assert picture.size == (512, 512)  # 64 px enlarged 8×
+        assert picture.size == (512, 512 + 28)  # 64 px enlarged 8×, and a 28-px caption band
     sheet = tmp_path / "sheet.png"
     args = ["show", out, "--image-id", "synth-0-0000001", "--image-id", "synth-0-0000000", "--out", str(sheet)]
     result = runner.invoke(app, [*args, "--dataset", str(data), "--columns", "1"])
     assert result.exit_code == 0, result.output
     assert "drew 2 detections of synth-0-0000000" in result.output and f"wrote {sheet}" in result.output
     with Image.open(sheet) as picture:
-        assert picture.size == (512 + 2 * 8, 2 * 512 + 3 * 8)  # one column, two rows
+        assert picture.size == (512 + 2 * 8, 2 * (512 + 28) + 3 * 8)  # one column, two rows
     result = runner.invoke(app, ["show", out, "--image-id", "nope", "--out", str(png), "--dataset", str(data)])
     assert result.exit_code == 1 and "error: image 'nope' is not among the committed outputs" in result.output
 
