@@ -1,0 +1,319 @@
+"""Nightly incremental runs against a large history: does the cost follow what is new?
+
+For each size (10k, 100k, 1M existing images) the script builds, once, under ``--root``:
+
+- an image prefix in the documented date-partitioned layout (``incoming/YYYY/MM/DD/img-NNNNNNN.png``,
+  1,000 files a day; every file is a hard link of one tiny PNG: the listing is real, the bytes are
+  not the point);
+- the dataset of those images, written by the pipeline's own ``DatasetWriter`` (256 per shard,
+  with its known-keys index);
+- its outputs, written by ``OutputStore.write_shard`` (3 detections per image, a commit record per
+  shard) and claimed for the bench model; one inference run over it records the ledger.
+
+Then it runs the nightly job in a fresh process, the steps of ``detect_new_images_flow`` without
+Prefect (count images, incremental ingest, pending shards, inference with the local executor and a
+tiny model): once with 100 new images in a new day folder, once over the unchanged prefix. Per run:
+wall time (process start and imports excluded), driver peak RSS (and before the run), storage
+requests by kind (GET/PUT/LIST/HEAD/DELETE, counted at ``pipeline.storage``), metadata bytes
+written (everything but image shards and output Parquet). Last, the query of the issue against
+the outputs, through ``pipeline.query`` and with DuckDB reading the files directly.
+
+    .venv/bin/python bench/incremental.py [--sizes 10000 100000 1000000] [--root /tmp/df-incremental]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import pyarrow as pa  # noqa: E402
+from _common import median, write_result  # noqa: E402
+
+from pipeline import storage  # noqa: E402
+
+PER_DAY = 1000
+SHARD_SIZE = 256
+DETECTIONS_PER_IMAGE = 3
+LABELS = ("circle", "square", "triangle")
+QUERY = "SELECT label_name, count(*) AS n FROM detections GROUP BY 1"
+
+
+def day_folder(day: int) -> str:
+    return (datetime.date(2020, 1, 1) + datetime.timedelta(days=day)).strftime("%Y/%m/%d")
+
+
+def image_paths(first: int, count: int) -> list[str]:
+    return [f"{day_folder(i // PER_DAY)}/img-{i:07d}.png" for i in range(first, first + count)]
+
+
+def tiny_png() -> bytes:
+    from pipeline.ingest import encode_png
+
+    return encode_png(np.full((3, 8, 8), 128, dtype=np.uint8))
+
+
+def link_images(prefix: Path, relative: list[str], source: Path) -> None:
+    for path in relative:
+        target = prefix / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.link(source, target)
+
+
+def paths_of(root: Path) -> dict[str, str]:
+    return {
+        "prefix": storage.normalize(root / "incoming"),
+        "data": storage.normalize(root / "dataset"),
+        "out": storage.normalize(root / "out"),
+        "model": storage.normalize(root.parent / "model.pt"),
+    }
+
+
+def make_model(path: Path) -> None:
+    import torch
+
+    from detector import build_detector, save_checkpoint
+
+    if path.exists():
+        return
+    torch.manual_seed(0)
+    model = build_detector("tiny", len(LABELS) + 1, class_names=["__background__", *LABELS], box_score_thresh=0.0)
+    save_checkpoint(model, path)
+
+
+def inference_spec(where: dict[str, str]):
+    from pipeline.jobs import InferenceSpec
+
+    return InferenceSpec(
+        where["data"], where["out"], where["model"], executor="local", device="cpu", workers=1, threads_per_worker=1
+    )
+
+
+def output_tables(shard: str, ids: list[str], run_id: str, model_id: str) -> tuple[pa.Table, pa.Table]:
+    n = len(ids)
+    images = pa.table(
+        {
+            "image_id": ids,
+            "shard": [shard] * n,
+            "width": [8] * n,
+            "height": [8] * n,
+            "status": ["ok"] * n,
+            "error": pa.nulls(n, pa.string()),
+            "num_detections": [DETECTIONS_PER_IMAGE] * n,
+            "run_id": [run_id] * n,
+            "model_id": [model_id] * n,
+        }
+    )
+    k = n * DETECTIONS_PER_IMAGE
+    labels = np.arange(k, dtype=np.int32) % len(LABELS) + 1
+    coords = np.tile(np.array([1.0, 1.0, 6.0, 6.0], dtype=np.float32), (k, 1))
+    detections = pa.table(
+        {
+            "image_id": np.repeat(np.array(ids, dtype=object), DETECTIONS_PER_IMAGE),
+            "shard": [shard] * k,
+            "label": labels,
+            "label_name": [LABELS[label - 1] for label in labels],
+            "score": np.linspace(0.1, 0.9, k, dtype=np.float32),
+            **{name: coords[:, i] for i, name in enumerate(("x1", "y1", "x2", "y2"))},
+            "run_id": [run_id] * k,
+            "model_id": [model_id] * k,
+        }
+    )
+    return images, detections
+
+
+def build_state(root: Path, size: int) -> dict:
+    """The existing state of ``size`` images under ``root`` (kept between invocations)."""
+    from pipeline.dataset import DatasetWriter
+    from pipeline.inference import output_identity, run_inference
+    from pipeline.outputs import OutputStore
+    from pipeline.worker import model_id_of
+
+    marker = root / "state.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    started = time.perf_counter()
+    where = paths_of(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "tiny.png").write_bytes(tiny_png())
+    relative = image_paths(0, size)
+    link_images(root / "incoming", relative, root / "tiny.png")
+    source = {"kind": "images", "prefix": where["prefix"], "labelled": False, "last_listed": relative[-1]}
+    writer = DatasetWriter(where["data"], categories=[], source=source, shard_size=SHARD_SIZE)
+    image = tiny_png()
+    for path in relative:
+        writer.add(path, image, f"{where['prefix']}/{path}", width=8, height=8)
+    dataset = writer.close()
+    spec = inference_spec(where)
+    model_id = model_id_of(storage.read_bytes(spec.model_uri))
+    store = OutputStore(where["out"])
+    store.claim(output_identity(spec, model_id), run_id="bench-build")
+    for number, shard in enumerate(dataset.shards):
+        ids = relative[number * SHARD_SIZE : (number + 1) * SHARD_SIZE]
+        record = {"run_id": "bench-build", "model_id": model_id, "timings": {}, "node": "bench", "worker": "bench"}
+        store.write_shard(shard.name, *output_tables(shard.name, ids, "bench-build", model_id), record)
+    run_inference(spec)  # everything committed: reads every record once and records the ledger
+    state = {"size": size, "next_image": size, "build_s": time.perf_counter() - started}
+    marker.write_text(json.dumps(state))
+    return state
+
+
+# ------------------------------------------------------------------------- the nightly run
+
+
+def count_requests(counts: Counter) -> None:
+    """Wrap ``pipeline.storage``'s operations (and the ranged reads of index probes and column
+    reads) to count requests by kind and metadata bytes written."""
+    from pipeline import dataset, index
+
+    kinds = {
+        "read_bytes": "GET",
+        "read_bytes_with_version": "GET",
+        "version_of": "GET",
+        "write_bytes": "PUT",
+        "write_bytes_if_absent": "PUT",
+        "replace_bytes_if_version": "PUT",
+        "list_files": "LIST",
+        "exists": "HEAD",
+        "delete": "DELETE",
+        "delete_if_version": "DELETE",
+    }
+
+    def wrap(module, name: str, kind: str):
+        original = getattr(module, name)
+
+        def counted(*args, **kwargs):
+            counts[kind] += 1
+            if kind == "PUT":
+                uri, data = args[0], args[1]
+                bulk = any(part in uri for part in ("/shards/", "/detections/", "/images/"))
+                counts["bytes_written_data" if bulk else "bytes_written_metadata"] += len(data)
+            return original(*args, **kwargs)
+
+        setattr(module, name, counted)
+
+    for name, kind in kinds.items():
+        wrap(storage, name, kind)
+    wrap(index, "_probe_run", "GET")
+    wrap(dataset, "_read_columns", "GET")
+
+
+def nightly(root: Path, listing: str) -> dict:
+    """The steps of ``detect_new_images_flow`` (without Prefect), counted and timed."""
+    from pipeline.dataset import open_dataset
+    from pipeline.inference import check_output, run_inference
+    from pipeline.ingest import ingest
+    from pipeline.jobs import DetectNewSpec
+    from pipeline.outputs import OutputStore
+
+    where = paths_of(root)
+    spec = DetectNewSpec(where["prefix"], inference_spec(where), shard_size=SHARD_SIZE, listing=listing)
+    counts: Counter = Counter()
+    count_requests(counts)
+    rss_start = psutil.Process().memory_info().rss
+    started = time.perf_counter()
+    before = open_dataset(spec.inference.data_uri).num_images  # count-images
+    ingested = ingest(spec.ingest())  # ingest (only new)
+    ingest_s = time.perf_counter() - started
+    names = [shard.name for shard in open_dataset(spec.inference.data_uri).shards]  # pending-shards
+    pending = OutputStore(spec.inference.out_uri).plan(names).pending
+    processed = 0
+    if pending:
+        processed = run_inference(spec.inference).images  # infer
+    else:
+        check_output(spec.inference)
+    return {
+        "listing": listing,
+        "existing_images": before,
+        "new_images": ingested.num_images - before,
+        "images_processed": processed,
+        "wall_s": time.perf_counter() - started,
+        "ingest_s": ingest_s,
+        "rss_start_mb": rss_start / 1e6,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3,
+        "requests": {k: v for k, v in sorted(counts.items()) if not k.startswith("bytes")},
+        "metadata_bytes_written": counts["bytes_written_metadata"],
+        "data_bytes_written": counts["bytes_written_data"],
+    }
+
+
+def run_nightly(root: Path, listing: str) -> dict:
+    """:func:`nightly` in a fresh process (an honest peak RSS)."""
+    command = [sys.executable, __file__, "--nightly", str(root), "--listing", listing]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"nightly run failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def add_new_images(root: Path, count: int) -> None:
+    marker = root / "state.json"
+    state = json.loads(marker.read_text())
+    first = ((state["next_image"] + PER_DAY - 1) // PER_DAY) * PER_DAY  # a new day folder
+    link_images(root / "incoming", image_paths(first, count), root / "tiny.png")
+    marker.write_text(json.dumps({**state, "next_image": first + count}))
+
+
+# ---------------------------------------------------------------------------------- query
+
+
+def query_times(root: Path, repeats: int = 3) -> dict:
+    import duckdb
+
+    from pipeline.query import query
+
+    out = paths_of(root)["out"]
+    ours, direct = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        counted = {row["label_name"]: row["n"] for row in query(out, QUERY).to_pylist()}
+        ours.append(time.perf_counter() - started)
+        files = str(root / "out" / "detections" / "*.parquet")
+        started = time.perf_counter()
+        duckdb.sql(f"SELECT label_name, count(*) FROM read_parquet('{files}') GROUP BY 1").fetchall()
+        direct.append(time.perf_counter() - started)
+    return {"pipeline_query_s": median(ours), "duckdb_direct_s": median(direct), "rows": sum(counted.values())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--root", type=Path, default=Path("/tmp/df-incremental"))
+    parser.add_argument("--new", type=int, default=100)
+    parser.add_argument("--full-listing-up-to", type=int, default=100_000)
+    parser.add_argument("--nightly", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--listing", default="after-last", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.nightly is not None:
+        print(json.dumps(nightly(args.nightly, args.listing)))
+        return
+    args.root.mkdir(parents=True, exist_ok=True)
+    make_model(args.root / "model.pt")
+    results = []
+    for size in args.sizes:
+        root = args.root / f"n{size}"
+        state = build_state(root, size)
+        add_new_images(root, args.new)
+        entry = {"existing": size, "build_s": state["build_s"], "new": run_nightly(root, "after-last")}
+        entry["unchanged"] = run_nightly(root, "after-last")
+        if size <= args.full_listing_up_to:
+            entry["unchanged_full_listing"] = run_nightly(root, "full")
+        entry["query"] = query_times(root)
+        print(json.dumps(entry), flush=True)
+        results.append(entry)
+    write_result("incremental", {"new_images_per_night": args.new, "sizes": results})
+
+
+if __name__ == "__main__":
+    main()
