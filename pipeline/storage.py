@@ -573,7 +573,7 @@ def list_files(
     temporary files (names starting with ``.`` or ``_``) are left out. The URIs are spelt like
     ``prefix`` (``memory://x`` stays ``memory://x/…``, not ``memory:///x/…``).
 
-    ``after`` (a path relative to ``prefix``, recursive listings only): only the files whose
+    ``after`` (a path relative to ``prefix``; the listing is then recursive): only the files whose
     relative path sorts after it, found without listing the others where the store allows: S3
     ``ListObjectsV2`` with ``StartAfter``; on local disks folders whose every path sorts before
     ``after`` are not entered. Elsewhere the full listing is filtered.

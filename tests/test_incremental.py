@@ -14,8 +14,8 @@ from detector import build_detector, save_checkpoint
 from pipeline import dataset as dataset_module
 from pipeline import index, storage
 from pipeline.dataset import DatasetWriter, compact, descriptor_uri, open_dataset, read_descriptor, read_shard
-from pipeline.ingest import ingest_images
 from pipeline.inference import run_inference
+from pipeline.ingest import ingest_images
 from pipeline.jobs import InferenceSpec
 from pipeline.outputs import Ledger, OutputStore
 from tests.test_outputs import output_tables
@@ -85,16 +85,17 @@ def test_appends_are_logged_compacted_and_read_back(tmp_path, monkeypatch) -> No
     assert not compact(uri), "nothing left to fold"
 
 
-def test_listing_after_the_last_path_skips_older_folders(tmp_path) -> None:
-    _images(tmp_path / "in", ["2026/11/29/a.png", "2026/11/30/a.png", "2026/11/30/b.png", "2026/12/01/a.png"])
-    (tmp_path / "in" / "2026" / "11" / "29" / "zz.png").write_bytes(b"late")
-    prefix = storage.normalize(tmp_path / "in")
+@pytest.mark.parametrize("storage_root", ["file", "memory", "s3"], indirect=True)
+def test_listing_after_the_last_path(storage_root: str) -> None:
+    """Only paths sorting after the given one; on local disk whole older folders are skipped, on S3
+    with StartAfter, elsewhere by filtering."""
+    prefix = storage.join(storage_root, "in")
+    for path in ("2026/11/29/a.png", "2026/11/29/zz.png", "2026/11/30/a.png", "2026/11/30/b.png", "2026/12/01/a.png"):
+        storage.write_bytes(f"{prefix}/{path}", b"x")
     after = storage.list_files(prefix, recursive=True, after="2026/11/30/a.png")
     assert after == [f"{prefix}/2026/11/30/b.png", f"{prefix}/2026/12/01/a.png"]
-    memory = "memory://listing-after"
-    for path in ("2026/11/30/a.png", "2026/11/30/b.png"):
-        storage.write_bytes(f"{memory}/{path}", b"x")
-    assert storage.list_files(memory, recursive=True, after="2026/11/30/a.png") == [f"{memory}/2026/11/30/b.png"]
+    assert storage.list_files(prefix, recursive=True, after="2026/12/01/a.png") == []
+    assert storage.list_files(storage.join(storage_root, "missing"), recursive=True, after="a") == []
 
 
 def test_detect_new_after_last_adds_only_later_paths_and_full_catches_stragglers(tmp_path) -> None:
