@@ -10,15 +10,19 @@ For each size (10k, 100k, 1M existing images) the script builds, once, under ``-
 - its outputs, written by ``OutputStore.write_shard`` (3 detections per image, a commit record per
   shard) and claimed for the bench model; one inference run over it records the ledger.
 
-Then it runs the nightly job in a fresh process, the steps of ``detect_new_images_flow`` without
-Prefect (count images, incremental ingest, pending shards, inference with the local executor and a
-tiny model): once with 100 new images in a new day folder, once over the unchanged prefix. Per run:
-wall time (process start and imports excluded), driver peak RSS (and before the run), storage
-requests by kind (GET/PUT/LIST/HEAD/DELETE, counted at ``pipeline.storage``), metadata bytes
-written (everything but image shards and output Parquet). Last, the query of the issue against
-the outputs, through ``pipeline.query`` and with DuckDB reading the files directly.
+Then it runs the nightly job in a fresh process each time, the steps of ``detect_new_images_flow``
+without Prefect (count images, incremental ingest with ``--listing after-last``, pending shards,
+inference with the local executor and a tiny model): ``--repeats`` nights with 100 new images in a
+new day folder, as many over the unchanged prefix, one unchanged night with a full listing. Per run:
+wall time (process start and imports excluded), driver peak RSS (``VmHWM``) and RSS before the run
+(after imports), storage operations by kind (GET/PUT/LIST/HEAD/DELETE counted at
+``pipeline.storage``; on S3 also the HTTP requests by operation), metadata bytes written
+(everything but image shards and output Parquet). Last, the query of the issue over the outputs,
+through ``pipeline.query`` and (local disk) with DuckDB reading the files directly. The same on
+SeaweedFS S3 for ``--s3-sizes`` (built each time: the server's data lives in a temporary folder).
 
-    .venv/bin/python bench/incremental.py [--sizes 10000 100000 1000000] [--root /tmp/df-incremental]
+    .venv/bin/python bench/incremental.py [--sizes 10000 100000 1000000] [--s3-sizes 10000 100000]
+                                          [--root /tmp/df-incremental] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -63,43 +69,54 @@ def tiny_png() -> bytes:
     return encode_png(np.full((3, 8, 8), 128, dtype=np.uint8))
 
 
-def link_images(prefix: Path, relative: list[str], source: Path) -> None:
-    """Hard links of ``source`` (a fresh copy of it every 50,000 links: ext4 allows 65,000)."""
+def put_images(prefix: str, relative: list[str]) -> None:
+    """The image files: on local disk hard links of one tiny PNG (a fresh copy every 50,000 links:
+    ext4 allows 65,000), on S3 objects (16 uploads at a time)."""
+    data = tiny_png()
+    if storage.protocol_of(prefix) != "file":
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda path: storage.write_bytes(f"{prefix}/{path}", data), relative))
+        return
+    folder = Path(storage.filesystem(prefix)[1])
     for number, path in enumerate(relative):
         if number % 50_000 == 0:
-            origin = source.with_name(f"{source.stem}-{os.urandom(4).hex()}{source.suffix}")
-            origin.write_bytes(source.read_bytes())
-        target = prefix / path
+            origin = folder.parent / f"tiny-{os.urandom(4).hex()}.png"
+            origin.write_bytes(data)
+        target = folder / path
         target.parent.mkdir(parents=True, exist_ok=True)
         os.link(origin, target)
 
 
-def paths_of(root: Path) -> dict[str, str]:
-    return {
-        "prefix": storage.normalize(root / "incoming"),
-        "data": storage.normalize(root / "dataset"),
-        "out": storage.normalize(root / "out"),
-        "model": storage.normalize(root.parent / "model.pt"),
-    }
+def paths_of(root: str) -> dict[str, str]:
+    return {name: storage.join(root, name) for name in ("incoming", "dataset", "out", "model.pt", "state.json")}
 
 
-def make_model(path: Path) -> None:
+def make_model() -> bytes:
+    """A tiny detector with random weights (the same bytes every time)."""
+    import io
+
     import torch
 
     from detector import build_detector, save_checkpoint
 
-    if path.exists():
-        return
     torch.manual_seed(0)
     model = build_detector("tiny", len(LABELS) + 1, class_names=["__background__", *LABELS], box_score_thresh=0.0)
-    save_checkpoint(model, path)
+    buffer = io.BytesIO()
+    save_checkpoint(model, buffer)
+    return buffer.getvalue()
 
 
 def inference_spec(where: dict[str, str]):
     from pipeline.jobs import InferenceSpec
 
     return InferenceSpec(
-        where["data"], where["out"], where["model"], executor="local", device="cpu", workers=1, threads_per_worker=1
+        where["dataset"],
+        where["out"],
+        where["model.pt"],
+        executor="local",
+        device="cpu",
+        workers=1,
+        threads_per_worker=1,
     )
 
 
@@ -136,27 +153,25 @@ def output_tables(shard: str, ids: list[str], run_id: str, model_id: str) -> tup
     return images, detections
 
 
-def build_state(root: Path, size: int) -> dict:
+def build_state(root: str, size: int) -> dict:
     """The existing state of ``size`` images under ``root`` (kept between invocations)."""
     from pipeline.dataset import DatasetWriter
     from pipeline.inference import output_identity, run_inference
     from pipeline.outputs import OutputStore
     from pipeline.worker import model_id_of
 
-    marker = root / "state.json"
-    if marker.exists():
-        return json.loads(marker.read_text())
-    started = time.perf_counter()
     where = paths_of(root)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "tiny.png").write_bytes(tiny_png())
+    if storage.exists(where["state.json"]):
+        return storage.read_json(where["state.json"])
+    started = time.perf_counter()
+    storage.write_bytes(where["model.pt"], make_model())
     relative = image_paths(0, size)
-    link_images(root / "incoming", relative, root / "tiny.png")
-    source = {"kind": "images", "prefix": where["prefix"], "labelled": False, "last_listed": relative[-1]}
-    writer = DatasetWriter(where["data"], categories=[], source=source, shard_size=SHARD_SIZE)
+    put_images(where["incoming"], relative)
+    source = {"kind": "images", "prefix": where["incoming"], "labelled": False, "last_listed": relative[-1]}
+    writer = DatasetWriter(where["dataset"], categories=[], source=source, shard_size=SHARD_SIZE)
     image = tiny_png()
     for path in relative:
-        writer.add(path, image, f"{where['prefix']}/{path}", width=8, height=8)
+        writer.add(path, image, f"{where['incoming']}/{path}", width=8, height=8)
     dataset = writer.close()
     spec = inference_spec(where)
     model_id = model_id_of(storage.read_bytes(spec.model_uri))
@@ -168,7 +183,7 @@ def build_state(root: Path, size: int) -> dict:
         store.write_shard(shard.name, *output_tables(shard.name, ids, "bench-build", model_id), record)
     run_inference(spec)  # everything committed: reads every record once and records the ledger
     state = {"size": size, "next_image": size, "build_s": time.perf_counter() - started}
-    marker.write_text(json.dumps(state))
+    storage.write_json(where["state.json"], state)
     return state
 
 
@@ -212,6 +227,22 @@ def count_requests(counts: Counter) -> None:
     wrap(dataset, "_read_columns", "GET")
 
 
+def count_s3_requests(counts: Counter) -> None:
+    """Count the HTTP requests of every S3 client s3fs makes, by operation (``s3:ListObjectsV2``…)."""
+    import s3fs
+
+    original = s3fs.S3FileSystem.set_session
+
+    async def set_session(self, *args, **kwargs):
+        client = await original(self, *args, **kwargs)
+        if not getattr(client, "_bench_counted", False):
+            client.meta.events.register("before-call.s3", lambda model, **_: counts.update([f"s3:{model.name}"]))
+            client._bench_counted = True
+        return client
+
+    s3fs.S3FileSystem.set_session = set_session
+
+
 def peak_rss() -> int:
     """This process's peak resident set (``VmHWM``: of its own address space; ``ru_maxrss`` would
     carry the parent's over ``fork``/``exec``)."""
@@ -221,7 +252,7 @@ def peak_rss() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def nightly(root: Path, listing: str) -> dict:
+def nightly(root: str, listing: str) -> dict:
     """The steps of ``detect_new_images_flow`` (without Prefect), counted and timed."""
     from pipeline.dataset import open_dataset
     from pipeline.inference import check_output, run_inference
@@ -230,9 +261,10 @@ def nightly(root: Path, listing: str) -> dict:
     from pipeline.outputs import OutputStore
 
     where = paths_of(root)
-    spec = DetectNewSpec(where["prefix"], inference_spec(where), shard_size=SHARD_SIZE, listing=listing)
+    spec = DetectNewSpec(where["incoming"], inference_spec(where), shard_size=SHARD_SIZE, listing=listing)
     counts: Counter = Counter()
     count_requests(counts)
+    count_s3_requests(counts)
     rss_start = psutil.Process().memory_info().rss
     started = time.perf_counter()
     before = open_dataset(spec.inference.data_uri).num_images  # count-images
@@ -260,27 +292,28 @@ def nightly(root: Path, listing: str) -> dict:
     }
 
 
-def run_nightly(root: Path, listing: str) -> dict:
+def run_nightly(root: str, listing: str) -> dict:
     """:func:`nightly` in a fresh process (an honest peak RSS)."""
-    command = [sys.executable, __file__, "--nightly", str(root), "--listing", listing]
+    command = [sys.executable, __file__, "--nightly", root, "--listing", listing]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"nightly run failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def add_new_images(root: Path, count: int) -> None:
-    marker = root / "state.json"
-    state = json.loads(marker.read_text())
+def add_new_images(root: str, count: int) -> None:
+    where = paths_of(root)
+    state = storage.read_json(where["state.json"])
     first = ((state["next_image"] + PER_DAY - 1) // PER_DAY) * PER_DAY  # a new day folder
-    link_images(root / "incoming", image_paths(first, count), root / "tiny.png")
-    marker.write_text(json.dumps({**state, "next_image": first + count}))
+    put_images(where["incoming"], image_paths(first, count))
+    storage.write_json(where["state.json"], {**state, "next_image": first + count})
 
 
 # ---------------------------------------------------------------------------------- query
 
 
-def query_times(root: Path, repeats: int = 3) -> dict:
+def query_times(root: str, repeats: int = 3) -> dict:
+    """The query through ``pipeline.query`` and (local disk) DuckDB reading the files directly."""
     import duckdb
 
     from pipeline.query import query
@@ -291,40 +324,86 @@ def query_times(root: Path, repeats: int = 3) -> dict:
         started = time.perf_counter()
         counted = {row["label_name"]: row["n"] for row in query(out, QUERY).to_pylist()}
         ours.append(time.perf_counter() - started)
-        files = str(root / "out" / "detections" / "*.parquet")
-        started = time.perf_counter()
-        duckdb.sql(f"SELECT label_name, count(*) FROM read_parquet('{files}') GROUP BY 1").fetchall()
-        direct.append(time.perf_counter() - started)
-    return {"pipeline_query_s": median(ours), "duckdb_direct_s": median(direct), "rows": sum(counted.values())}
+        if storage.protocol_of(out) == "file":
+            files = storage.filesystem(storage.join(out, "detections"))[1] + "/*.parquet"
+            started = time.perf_counter()
+            duckdb.sql(f"SELECT label_name, count(*) FROM read_parquet('{files}') GROUP BY 1").fetchall()
+            direct.append(time.perf_counter() - started)
+    times = {"pipeline_query_s": median(ours), "rows": sum(counted.values())}
+    return {**times, "duckdb_direct_s": median(direct)} if direct else times
+
+
+def measure(root: str, size: int, new: int, full_listing: bool, repeats: int) -> dict:
+    """``repeats`` nights with ``new`` images, then ``repeats`` over the unchanged prefix (medians
+    and every run recorded), a full listing once, the query."""
+    state = build_state(root, size)
+    entry: dict = {"existing": size, "build_s": state["build_s"], "new_runs": [], "unchanged_runs": []}
+    for _ in range(repeats):
+        add_new_images(root, new)
+        entry["new_runs"].append(run_nightly(root, "after-last"))
+    for _ in range(repeats):
+        entry["unchanged_runs"].append(run_nightly(root, "after-last"))
+    for kind in ("new", "unchanged"):
+        runs = entry[f"{kind}_runs"]
+        entry[kind] = {
+            "wall_s": median([run["wall_s"] for run in runs]),
+            "peak_rss_mb": median([run["peak_rss_mb"] for run in runs]),
+            "peak_over_start_mb": median([run["peak_rss_mb"] - run["rss_start_mb"] for run in runs]),
+        }
+    if full_listing:
+        entry["unchanged_full_listing"] = run_nightly(root, "full")
+    entry["query"] = query_times(root)
+    print(json.dumps(entry), flush=True)
+    return entry
+
+
+def targets(local: list[dict]) -> dict:
+    """The issue's targets, from the local-disk figures at 100k and 1M existing images."""
+    by_size = {entry["existing"]: entry for entry in local}
+    if not {100_000, 1_000_000} <= set(by_size):
+        return {}
+    small, large = by_size[100_000], by_size[1_000_000]
+    query = large["query"]
+    return {
+        "wall_1m_over_100k": large["new"]["wall_s"] / small["new"]["wall_s"],
+        "peak_rss_1m_over_100k": large["new"]["peak_rss_mb"] / small["new"]["peak_rss_mb"],
+        "peak_over_start_1m_over_100k": large["new"]["peak_over_start_mb"] / small["new"]["peak_over_start_mb"],
+        "unchanged_1m_s": large["unchanged"]["wall_s"],
+        "query_1m_over_direct": query["pipeline_query_s"] / query["duckdb_direct_s"],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--s3-sizes", type=int, nargs="*", default=[10_000], help="on SeaweedFS S3 (built each time)")
     parser.add_argument("--root", type=Path, default=Path("/tmp/df-incremental"))
     parser.add_argument("--new", type=int, default=100)
-    parser.add_argument("--full-listing-up-to", type=int, default=100_000)
-    parser.add_argument("--nightly", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--full-listing-up-to", type=int, default=1_000_000)
+    parser.add_argument("--nightly", help=argparse.SUPPRESS)
     parser.add_argument("--listing", default="after-last", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.nightly is not None:
         print(json.dumps(nightly(args.nightly, args.listing)))
         return
-    args.root.mkdir(parents=True, exist_ok=True)
-    make_model(args.root / "model.pt")
-    results = []
-    for size in args.sizes:
-        root = args.root / f"n{size}"
-        state = build_state(root, size)
-        add_new_images(root, args.new)
-        entry = {"existing": size, "build_s": state["build_s"], "new": run_nightly(root, "after-last")}
-        entry["unchanged"] = run_nightly(root, "after-last")
-        if size <= args.full_listing_up_to:
-            entry["unchanged_full_listing"] = run_nightly(root, "full")
-        entry["query"] = query_times(root)
-        print(json.dumps(entry), flush=True)
-        results.append(entry)
-    write_result("incremental", {"new_images_per_night": args.new, "sizes": results})
+    repeats = args.repeats
+    local = [
+        measure(
+            storage.normalize(args.root / f"n{size}"), size, args.new, size <= args.full_listing_up_to, args.repeats
+        )
+        for size in args.sizes
+    ]
+    s3 = []
+    if args.s3_sizes:
+        from tests.seaweed import SeaweedS3
+
+        with SeaweedS3(tempfile.mkdtemp(prefix="df-incremental-s3-")) as server:
+            server.apply_env()
+            for size in args.s3_sizes:
+                s3.append(measure(f"{server.new_bucket('incremental')}/n{size}", size, args.new, True, repeats))
+    result = {"new_images_per_night": args.new, "repeats": args.repeats, "local_disk": local, "seaweedfs_s3": s3}
+    write_result("incremental", {**result, "targets": targets(local)})
 
 
 if __name__ == "__main__":
