@@ -270,7 +270,8 @@ def nightly(root: str, listing: str) -> dict:
     before = open_dataset(spec.inference.data_uri).num_images  # count-images
     ingested = ingest(spec.ingest())  # ingest (only new)
     ingest_s = time.perf_counter() - started
-    names = [shard.name for shard in open_dataset(spec.inference.data_uri).shards]  # pending-shards
+    storage.ensure_bucket(spec.inference.out_uri)  # pending-shards
+    names = [shard.name for shard in open_dataset(spec.inference.data_uri).shards]
     pending = OutputStore(spec.inference.out_uri).plan(names).pending
     processed = 0
     if pending:
