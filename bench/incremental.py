@@ -20,6 +20,8 @@ wall time (process start and imports excluded), driver peak RSS (``VmHWM``) and 
 (everything but image shards and output Parquet). Last, the query of the issue over the outputs,
 through ``pipeline.query`` and (local disk) with DuckDB reading the files directly. The same on
 SeaweedFS S3 for ``--s3-sizes`` (built each time: the server's data lives in a temporary folder).
+For comparison, ``before``: the O(history) steps a nightly run took before (every shard's source and
+id columns into sets, every commit record read), timed on the same state.
 
     .venv/bin/python bench/incremental.py [--sizes 10000 100000 1000000] [--s3-sizes 10000 100000]
                                           [--root /tmp/df-incremental] [--repeats 3]
@@ -286,6 +288,7 @@ def nightly(root: str, listing: str) -> dict:
         "wall_s": time.perf_counter() - started,
         "ingest_s": ingest_s,
         "rss_start_mb": rss_start / 1e6,
+        "load_average_1m": os.getloadavg()[0],  # the machine is shared: other work competes for its 2 cores
         "peak_rss_mb": peak_rss() / 1e6,
         "requests": {k: v for k, v in sorted(counts.items()) if not k.startswith("bytes")},
         "metadata_bytes_written": counts["bytes_written_metadata"],
@@ -293,9 +296,35 @@ def nightly(root: str, listing: str) -> dict:
     }
 
 
+def before(root: str) -> dict:
+    """The three O(history) steps of a nightly run before incremental bookkeeping, timed with the
+    functions that remain: every shard's ``source`` and ``image_id`` column into Python sets (what
+    ``--only-new`` and the appending writer did), every commit record read (the final manifest)."""
+    from pipeline.dataset import known_column, open_dataset
+    from pipeline.outputs import OutputStore
+
+    where = paths_of(root)
+    dataset = open_dataset(where["dataset"])
+    rss_start = psutil.Process().memory_info().rss
+    started = time.perf_counter()
+    sources, ids = known_column(dataset, "source"), known_column(dataset, "image_id")
+    sets_s = time.perf_counter() - started
+    rss_sets = psutil.Process().memory_info().rss - rss_start
+    started = time.perf_counter()
+    records = OutputStore(where["out"]).committed_shards()
+    return {
+        "known_sources_and_ids_s": sets_s,
+        "sets_rss_mb": rss_sets / 1e6,
+        "values": len(sources) + len(ids),
+        "read_every_commit_record_s": time.perf_counter() - started,
+        "commit_records": len(records),
+        "load_average_1m": os.getloadavg()[0],
+    }
+
+
 def run_nightly(root: str, listing: str) -> dict:
     """:func:`nightly` in a fresh process (an honest peak RSS)."""
-    command = [sys.executable, __file__, "--nightly", root, "--listing", listing]
+    command = [sys.executable, __file__, "--nightly", root, "--listing", listing]  # listing "before": the old steps
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"nightly run failed:\n{done.stderr[-3000:]}")
@@ -311,6 +340,25 @@ def add_new_images(root: str, count: int) -> None:
 
 
 # ---------------------------------------------------------------------------------- query
+
+
+def listing_times(root: str) -> dict:
+    """The prefix listed alone: after the last path listed, and in full."""
+    from pipeline.dataset import open_dataset
+
+    where = paths_of(root)
+    last = open_dataset(where["dataset"]).source["last_listed"]
+    started = time.perf_counter()
+    after = storage.list_files(where["incoming"], recursive=True, after=last)
+    after_s = time.perf_counter() - started
+    started = time.perf_counter()
+    everything = storage.list_files(where["incoming"], recursive=True)
+    return {
+        "after_last_s": after_s,
+        "after_last_files": len(after),
+        "full_s": time.perf_counter() - started,
+        "full_files": len(everything),
+    }
 
 
 def query_times(root: str, repeats: int = 3) -> dict:
@@ -353,6 +401,8 @@ def measure(root: str, size: int, new: int, full_listing: bool, repeats: int) ->
         }
     if full_listing:
         entry["unchanged_full_listing"] = run_nightly(root, "full")
+        entry["before"] = run_nightly(root, "before")
+    entry["listing"] = listing_times(root)
     entry["query"] = query_times(root)
     print(json.dumps(entry), flush=True)
     return entry
@@ -377,16 +427,17 @@ def targets(local: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--s3-sizes", type=int, nargs="*", default=[10_000], help="on SeaweedFS S3 (built each time)")
+    parser.add_argument("--s3-sizes", type=int, nargs="*", default=[], help="on SeaweedFS S3 (built each time)")
     parser.add_argument("--root", type=Path, default=Path("/tmp/df-incremental"))
     parser.add_argument("--new", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--result", default="incremental", help="name of the result file in bench/results/")
     parser.add_argument("--full-listing-up-to", type=int, default=1_000_000)
     parser.add_argument("--nightly", help=argparse.SUPPRESS)
     parser.add_argument("--listing", default="after-last", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.nightly is not None:
-        print(json.dumps(nightly(args.nightly, args.listing)))
+        print(json.dumps(before(args.nightly) if args.listing == "before" else nightly(args.nightly, args.listing)))
         return
     repeats = args.repeats
     local = [
@@ -404,7 +455,7 @@ def main() -> None:
             for size in args.s3_sizes:
                 s3.append(measure(f"{server.new_bucket('incremental')}/n{size}", size, args.new, True, repeats))
     result = {"new_images_per_night": args.new, "repeats": args.repeats, "local_disk": local, "seaweedfs_s3": s3}
-    write_result("incremental", {**result, "targets": targets(local)})
+    write_result(args.result, {**result, "targets": targets(local)})
 
 
 if __name__ == "__main__":
