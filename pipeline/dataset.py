@@ -2,23 +2,31 @@
 
 Layout at ``DATA_URI/``::
 
-    dataset.json                  descriptor: categories, shards with row counts, source, and every
-                                  input that did not become a clean row, with the reason
+    dataset.json                  descriptor (compacted): categories, shards with row counts, source,
+                                  every input that did not become a clean row, with the reason, the
+                                  index runs, and where the append log continues (``log.next``)
+    _log/append-0000000012.json   one entry per append since: its shards, additions, counts, runs
+    _index/source/<token>.parquet the known-keys index (``pipeline.index``): sorted runs of the
+    _index/image_id/<token>.parquet  sources and ids, probed by row-group statistics
     shards/shard-00000.parquet    rows: image_id, image (the stored bytes, never re-encoded), source,
     shards/shard-00001.parquet    width, height (as displayed; null when unknown), gt_boxes (xyxy),
     …                             gt_labels, gt_iscrowd (null for unlabelled data)
 
-Shards are written whole and atomically, the descriptor last: a reader sees only complete shards,
-and an interrupted ingest leaves at most unlisted shard files that the next ingest overwrites (or,
-appending, deletes). Writing a dataset where one exists (without ``append``) replaces it: once the
-new descriptor is written, shard files it does not list are deleted.
+Shards are written whole and atomically, the descriptor (or the append's log entry) last: a reader
+sees only complete shards, and an interrupted ingest leaves at most unlisted shard files that the
+next ingest overwrites (or, appending, deletes). Writing a dataset where one exists (without
+``append``) replaces it: once the new descriptor is written, shard files it does not list are
+deleted. An append costs what it adds, not the dataset: it writes its shards, one index run per
+column and one log entry, never the whole descriptor; every ``COMPACT_EVERY`` entries the log is
+folded into ``dataset.json`` (:func:`compact`). Readers apply the entries after the descriptor.
 
 Writers that share a dataset: the ingests hold a lease on ``DATA_URI/_lease.json``
 (``pipeline.lease``), so one writes at a time. Appends are safe even without it: a new shard's name
-is taken by creating its file only if absent (two appenders never share a name), and the descriptor
-is replaced only if it is still the version the writer read (compare-and-swap); when another writer
-got there first, the newer descriptor is read again and this writer's shards are merged into it,
-leaving out rows whose ``image_id`` or source the other writer added meanwhile.
+is taken by creating its file only if absent (two appenders never share a name), and the log entry
+is created only if absent at the sequence number after the newest one read; when another writer got
+there first, the dataset is read again and this writer's shards are merged onto it, leaving out rows
+whose ``image_id`` or source the other writer added meanwhile. The descriptor itself is replaced only
+if it is still the version the writer read (compare-and-swap: replacing, compacting).
 
 Images are stored as they were (no decoding or re-encoding at ingest), in row groups of at most
 ``ROW_GROUP_SIZE`` images and ``ROW_GROUP_MAX_BYTES`` so that readers can stream a shard. The image
@@ -465,14 +473,16 @@ class DatasetWriter:
 
     ``append=True`` continues an existing dataset: new shards get the next free names (each taken
     by creating its file only if absent), an ``image_id`` already present is rejected rather than
-    duplicated, and the descriptor is updated by compare-and-swap, merging what another writer
-    added meanwhile (see the module docstring). Without it, a dataset already at ``uri`` is
+    duplicated (looked up in the dataset's index: :meth:`reserve` looks up many at once), and the
+    append is one new log entry, created only if absent, merging what another writer added meanwhile
+    (see the module docstring). Without it, a dataset already at ``uri`` is
     replaced when the writer closes (the descriptor must still be the one read at the start).
 
     ``lease``: the held dataset lease of the run (``pipeline.lease``), verified before each shard
     and before the descriptor is written: a writer whose lease was lost stops with
     :class:`~pipeline.lease.LeaseLost` instead of writing on. Holding it, an appending writer also
-    deletes shard files that no descriptor lists (left by an interrupted ingest).
+    deletes shard files and index runs that nothing lists (left by an interrupted ingest, or merged
+    away by a compaction).
     """
 
     def __init__(
