@@ -122,6 +122,15 @@ WaitForLease = Annotated[
         "within a minute).",
     ),
 ]
+ListingOption = Annotated[
+    str,
+    typer.Option(
+        "--listing",
+        help="full: list the whole prefix (default); after-last: list only paths sorting after the last one listed "
+        "before (for date-partitioned prefixes such as incoming/2026/11/30/…; a file arriving under an earlier name is "
+        "seen by the next full listing).",
+    ),
+]
 
 
 class OutputFormat(str, Enum):
@@ -224,6 +233,7 @@ def ingest_images_command(
     only_new: Annotated[
         bool, typer.Option("--only-new", help="Append only images whose source is not in the dataset yet.")
     ] = False,
+    listing: ListingOption = "full",
     wait_for_lease: WaitForLease = 0.0,
     storage_option: StorageOption = None,
 ) -> None:
@@ -236,6 +246,7 @@ def ingest_images_command(
             images_uri=prefix_uri,
             shard_size=shard_size,
             only_new=only_new,
+            listing=listing,
             lease_wait_s=wait_for_lease,
             storage=options,
         )
@@ -442,6 +453,7 @@ def detect_new_command(
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="Ray actors.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 8,
     shard_size: ShardSize = 256,
+    listing: ListingOption = "full",
     replace: Replace = False,
     wait_for_lease: WaitForLease = 0.0,
     ray_address: RayAddress = None,
@@ -464,7 +476,7 @@ def detect_new_command(
             cluster=_cluster(ray_address, shared_fs),
             storage=options,
         )
-        return DetectNewSpec(images_uri, inference, shard_size=shard_size)
+        return DetectNewSpec(images_uri, inference, shard_size=shard_size, listing=listing)
 
     spec = _run(build)
     pipelines = _run(_flows)

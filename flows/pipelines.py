@@ -205,8 +205,7 @@ def pending_shards_task(spec: InferenceSpec) -> list[str]:
     dataset = open_dataset(spec.data_uri, spec.storage)
     if spec.replace:
         return [s.name for s in dataset.shards]
-    committed = OutputStore(spec.out_uri, spec.storage).committed_names()
-    pending = [s.name for s in dataset.shards if s.name not in committed]
+    pending = OutputStore(spec.out_uri, spec.storage).plan([s.name for s in dataset.shards]).pending
     if not pending:
         check_output(spec)
     return pending

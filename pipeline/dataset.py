@@ -2,23 +2,31 @@
 
 Layout at ``DATA_URI/``::
 
-    dataset.json                  descriptor: categories, shards with row counts, source, and every
-                                  input that did not become a clean row, with the reason
+    dataset.json                  descriptor (compacted): categories, shards with row counts, source,
+                                  every input that did not become a clean row, with the reason, the
+                                  index runs, and where the append log continues (``log.next``)
+    _log/append-0000000012.json   one entry per append since: its shards, additions, counts, runs
+    _index/source/<token>.parquet the known-keys index (``pipeline.index``): sorted runs of the
+    _index/image_id/<token>.parquet  sources and ids, probed by row-group statistics
     shards/shard-00000.parquet    rows: image_id, image (the stored bytes, never re-encoded), source,
     shards/shard-00001.parquet    width, height (as displayed; null when unknown), gt_boxes (xyxy),
     …                             gt_labels, gt_iscrowd (null for unlabelled data)
 
-Shards are written whole and atomically, the descriptor last: a reader sees only complete shards,
-and an interrupted ingest leaves at most unlisted shard files that the next ingest overwrites (or,
-appending, deletes). Writing a dataset where one exists (without ``append``) replaces it: once the
-new descriptor is written, shard files it does not list are deleted.
+Shards are written whole and atomically, the descriptor (or the append's log entry) last: a reader
+sees only complete shards, and an interrupted ingest leaves at most unlisted shard files that the
+next ingest overwrites (or, appending, deletes). Writing a dataset where one exists (without
+``append``) replaces it: once the new descriptor is written, shard files it does not list are
+deleted. An append costs what it adds, not the dataset: it writes its shards, one index run per
+column and one log entry, never the whole descriptor; every ``COMPACT_EVERY`` entries the log is
+folded into ``dataset.json`` (:func:`compact`). Readers apply the entries after the descriptor.
 
 Writers that share a dataset: the ingests hold a lease on ``DATA_URI/_lease.json``
 (``pipeline.lease``), so one writes at a time. Appends are safe even without it: a new shard's name
-is taken by creating its file only if absent (two appenders never share a name), and the descriptor
-is replaced only if it is still the version the writer read (compare-and-swap); when another writer
-got there first, the newer descriptor is read again and this writer's shards are merged into it,
-leaving out rows whose ``image_id`` or source the other writer added meanwhile.
+is taken by creating its file only if absent (two appenders never share a name), and the log entry
+is created only if absent at the sequence number after the newest one read; when another writer got
+there first, the dataset is read again and this writer's shards are merged onto it, leaving out rows
+whose ``image_id`` or source the other writer added meanwhile. The descriptor itself is replaced only
+if it is still the version the writer read (compare-and-swap: replacing, compacting).
 
 Images are stored as they were (no decoding or re-encoding at ingest), in row groups of at most
 ``ROW_GROUP_SIZE`` images and ``ROW_GROUP_MAX_BYTES`` so that readers can stream a shard. The image
@@ -42,15 +50,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import index as keyindex
 from . import storage
+from .index import Run
 from .lease import Lease
 from .storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
 FORMAT = "detectflow.dataset/1"
+LOG_FORMAT = "detectflow.dataset-append/1"
 DESCRIPTOR = "dataset.json"
 SHARDS_DIR = "shards"
+LOG_DIR = "_log"
+INDEX_DIR = "_index"
+INDEXED = ("source", "image_id")  # the columns with a known-keys index
+# Appends logged since the last compaction after which an appender folds them into dataset.json.
+COMPACT_EVERY = 16
 # Images per shard. bench/io.py (bench/results/io.json) read the 328 COCO photos (52 MB) from the S3
 # server as shards of 16/64/128/256 images: 1.06k/2.0k/1.8k/1.6k images/s — per-request overhead
 # halves throughput at 16 and is amortised from 64 on. Within that plateau, 256 photos (~40 MB) make
@@ -137,6 +153,17 @@ class Dataset:
     skipped: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     created_at: str | None = None
+    updated_at: str | None = None
+    # The known-keys index (``pipeline.index``): column (``source``, ``image_id``) → its runs; a
+    # dataset written before indexes existed has none until its first append builds them.
+    index: dict[str, list[Run]] = field(default_factory=dict)
+    log_base: int = 0  # the first append-log entry not folded into dataset.json
+    log_next: int = 0  # the sequence number the next append takes
+
+    @property
+    def indexed(self) -> bool:
+        """Whether the index covers every row (both columns)."""
+        return set(self.index) == set(INDEXED) or not self.shards
 
     @property
     def num_images(self) -> int:
@@ -192,37 +219,100 @@ def descriptor_uri(uri: str) -> str:
     return storage.join(uri, DESCRIPTOR)
 
 
+def log_uri(uri: str, seq: int) -> str:
+    """The URI of append-log entry ``seq`` (``_log/append-0000000012.json``)."""
+    return storage.join(uri, LOG_DIR, f"append-{seq:010d}.json")
+
+
+def index_folder(uri: str, column: str) -> str:
+    """``DATA_URI/_index/<column>``: the sorted runs of the known-keys index of ``column``."""
+    return storage.join(uri, INDEX_DIR, column)
+
+
 def shard_name(index: int) -> str:
     """``3 → "shard-00003"``."""
     return f"shard-{index:05d}"
 
 
 def open_dataset(uri: str, storage_options: StorageOptions | None = None) -> Dataset:
-    """The dataset at ``uri``; a clear error naming the URI when there is none."""
-    uri = storage.normalize(uri)
-    try:
-        data = storage.read_bytes(descriptor_uri(uri), storage_options)
-    except storage.StorageError as exc:
-        if exc.reason == storage.NOT_FOUND:
-            raise FileNotFoundError(
-                f"no dataset at {storage.redact(uri)} (missing {DESCRIPTOR}; create one with "
-                "`detectflow ingest` or `detectflow synth`)"
-            ) from exc
-        raise
-    return _parse_descriptor(uri, data)
+    """The dataset at ``uri`` (its descriptor and the append-log entries after it); a clear error
+    naming the URI when there is none."""
+    found = read_descriptor(uri, storage_options)
+    if found is None:
+        raise FileNotFoundError(
+            f"no dataset at {storage.redact(storage.normalize(uri))} (missing {DESCRIPTOR}; create one with "
+            "`detectflow ingest` or `detectflow synth`)"
+        )
+    return found[0]
 
 
 def read_descriptor(uri: str, storage_options: StorageOptions | None = None) -> tuple[Dataset, str] | None:
-    """The dataset at ``uri`` and the version of its descriptor (for a compare-and-swap update);
-    None when there is no dataset."""
+    """The dataset at ``uri`` — ``dataset.json`` with the append-log entries written since it was
+    last compacted applied in order — and the version of ``dataset.json`` (for a compare-and-swap
+    update); None when there is no dataset. A log whose first entry is past the descriptor's (a
+    compaction happened between the two reads) makes it read both again."""
     uri = storage.normalize(uri)
-    try:
-        data, version = storage.read_bytes_with_version(descriptor_uri(uri), storage_options)
-    except storage.StorageError as exc:
-        if exc.reason == storage.NOT_FOUND:
-            return None
-        raise
-    return _parse_descriptor(uri, data), version
+    for _ in range(DESCRIPTOR_ATTEMPTS):
+        try:
+            data, version = storage.read_bytes_with_version(descriptor_uri(uri), storage_options)
+        except storage.StorageError as exc:
+            if exc.reason == storage.NOT_FOUND:
+                return None
+            raise
+        dataset = _parse_descriptor(uri, data)
+        entries = _read_log(uri, dataset.log_base, storage_options)
+        if entries is not None:
+            for entry in entries:
+                _apply_entry(dataset, entry)
+            return dataset, version
+    raise ValueError(f"{storage.redact(descriptor_uri(uri))} kept being compacted while it was read; try again")
+
+
+def _read_log(uri: str, start: int, storage_options: StorageOptions | None) -> list[dict[str, Any]] | None:
+    """The log entries from ``start`` on (one listing, one read each); None when the first one
+    present is past ``start``: entries were folded into a newer descriptor meanwhile. Entries are
+    contiguous (each is created only if absent, at the sequence number after the newest one its
+    writer read) and only ever deleted from the oldest, the newest one never."""
+    listed = storage.list_files(storage.join(uri, LOG_DIR), storage_options, suffixes=(".json",))
+    seqs = sorted(seq for name in listed if (seq := _log_seq(name)) is not None and seq >= start)
+    if seqs and seqs[0] != start:
+        return None
+    return [storage.read_json(log_uri(uri, seq), storage_options) for seq in seqs]
+
+
+def _log_seq(uri: str) -> int | None:
+    name = storage.basename(uri)
+    if not (name.startswith("append-") and name.endswith(".json")):
+        return None
+    digits = name[len("append-") : -len(".json")]
+    return int(digits) if digits.isdigit() else None
+
+
+def _apply_entry(dataset: Dataset, entry: dict[str, Any]) -> None:
+    """One append on top of ``dataset``: its shards, its additions to the lists, the counts and
+    source after it, its index runs (replacing the others when it rebuilt the index)."""
+    dataset.shards += [_shard_info(dataset.uri, s) for s in entry["shards"]]
+    for name in LISTS:
+        added = entry.get("lists", {}).get(name, [])
+        if name == "skipped" and entry.get("skipped_cleared"):
+            dataset.skipped = []
+        setattr(dataset, name, (getattr(dataset, name) + added)[:MAX_LISTED])
+    dataset.counts = dict(entry["counts"])
+    dataset.source = dict(entry["source"])
+    for column, runs in entry.get("index", {}).items():
+        mine = [Run.from_json(run) for run in runs]
+        dataset.index[column] = mine if entry.get("index_rebuilt") else dataset.index.get(column, []) + mine
+    dataset.updated_at = entry.get("updated_at", dataset.updated_at)
+    dataset.log_next = entry["seq"] + 1
+
+
+def _shard_info(uri: str, entry: dict[str, Any]) -> ShardInfo:
+    return ShardInfo(
+        entry["name"],
+        storage.join(uri, SHARDS_DIR, f"{entry['name']}.parquet"),
+        entry["num_images"],
+        entry["num_bytes"],
+    )
 
 
 def _parse_descriptor(uri: str, data: bytes) -> Dataset:
@@ -232,14 +322,11 @@ def _parse_descriptor(uri: str, data: bytes) -> Dataset:
         raise ValueError(f"{storage.redact(descriptor_uri(uri))} is not valid JSON: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{storage.redact(descriptor_uri(uri))} is not a {FORMAT} descriptor")
-    shards = [
-        ShardInfo(s["name"], storage.join(uri, SHARDS_DIR, f"{s['name']}.parquet"), s["num_images"], s["num_bytes"])
-        for s in payload["shards"]
-    ]
+    log_base = int(payload.get("log", {}).get("next", 0))
     return Dataset(
         uri=uri,
         categories=payload["categories"],
-        shards=shards,
+        shards=[_shard_info(uri, s) for s in payload["shards"]],
         source=payload.get("source", {}),
         rejected=payload.get("rejected", []),
         invalid=payload.get("invalid", []),
@@ -247,7 +334,32 @@ def _parse_descriptor(uri: str, data: bytes) -> Dataset:
         skipped=payload.get("skipped", []),
         counts=payload.get("counts", {}),
         created_at=payload.get("created_at"),
+        updated_at=payload.get("updated_at"),
+        index={column: [Run.from_json(r) for r in runs] for column, runs in payload.get("index", {}).items()},
+        log_base=log_base,
+        log_next=log_base,
     )
+
+
+def descriptor_payload(dataset: Dataset) -> dict[str, Any]:
+    """``dataset.json`` for ``dataset`` with every append folded in (the log starts after them)."""
+    return {
+        "format": FORMAT,
+        "categories": dataset.categories,
+        "shards": [{"name": s.name, "num_images": s.num_images, "num_bytes": s.num_bytes} for s in dataset.shards],
+        "num_images": dataset.num_images,
+        "source": dataset.source,
+        **{name: getattr(dataset, name) for name in LISTS},
+        "counts": dataset.counts,
+        "created_at": dataset.created_at,
+        "updated_at": dataset.updated_at or _now(),
+        "index": {column: [run.to_json() for run in runs] for column, runs in dataset.index.items()},
+        "log": {"next": dataset.log_next},
+    }
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def read_shard(
@@ -361,14 +473,16 @@ class DatasetWriter:
 
     ``append=True`` continues an existing dataset: new shards get the next free names (each taken
     by creating its file only if absent), an ``image_id`` already present is rejected rather than
-    duplicated, and the descriptor is updated by compare-and-swap, merging what another writer
-    added meanwhile (see the module docstring). Without it, a dataset already at ``uri`` is
+    duplicated (looked up in the dataset's index: :meth:`reserve` looks up many at once), and the
+    append is one new log entry, created only if absent, merging what another writer added meanwhile
+    (see the module docstring). Without it, a dataset already at ``uri`` is
     replaced when the writer closes (the descriptor must still be the one read at the start).
 
     ``lease``: the held dataset lease of the run (``pipeline.lease``), verified before each shard
     and before the descriptor is written: a writer whose lease was lost stops with
     :class:`~pipeline.lease.LeaseLost` instead of writing on. Holding it, an appending writer also
-    deletes shard files that no descriptor lists (left by an interrupted ingest).
+    deletes shard files and index runs that nothing lists (left by an interrupted ingest, or merged
+    away by a compaction).
     """
 
     def __init__(
@@ -406,9 +520,15 @@ class DatasetWriter:
         self._keys: dict[str, list[tuple[str, str | None]]] = {}  # new shard → its (image_id, source)s
         self._skipped_cleared = False
         self._replaced_shards: list[ShardInfo] = []
+        self._next_seq = 0  # the append-log entry this writer will create
+        self._probed: set[str] = set()  # image ids looked up in the dataset appended to …
+        self._taken: set[str] = set()  # … and those found there
+        self._rebuild: dict[str, pa.Array] | None = None  # every key of an unindexed dataset appended to
+        self._index_chunks: list[pa.Table] = []  # image_id, source of the rows written (replacing)
         found = read_descriptor(self.uri, storage_options)
         if found is not None:
             self.existing, self._version = found
+            self._next_seq = self.existing.log_next
             self._start_from(self.existing)
         if append and lease is not None:
             self._delete_unlisted()
@@ -429,15 +549,51 @@ class DatasetWriter:
         self.counts.update(existing.counts)
         self.created_at = existing.created_at or self.created_at
         self.source = {**existing.source, **self.source}
-        self._image_ids = known_column(existing, "image_id", self.storage_options)
+        if not existing.indexed:  # written before indexes existed: this append builds them, once
+            self._rebuild = {c: keyindex.sorted_keys(known_column(existing, c, self.storage_options)) for c in INDEXED}
+
+    def held(self, column: str, values: Iterable[str]) -> set[str]:
+        """Which of ``values`` the dataset appended to already holds in ``column`` (``source`` or
+        ``image_id``): a probe of its index, not a load of the column."""
+        values = {v for v in values if v}
+        if self.existing is None or not self.append or not values:
+            return set()
+        if self._rebuild is not None:
+            known = self._rebuild[column]
+            return set(pc.filter(known, pc.is_in(known, pa.array(list(values), pa.string()))).to_pylist())
+        folder = index_folder(self.uri, column)
+        return keyindex.probe(folder, self.existing.index.get(column, []), values, self.storage_options)
+
+    def reserve(self, image_ids: Iterable[str]) -> None:
+        """Look up ``image_ids`` in the dataset appended to in one probe, before adding them (an
+        id :meth:`add` meets unannounced is looked up alone)."""
+        new = {i for i in image_ids if i not in self._probed}
+        self._taken |= self.held("image_id", new)
+        self._probed |= new
+
+    def _in_dataset(self, image_id: str) -> bool:
+        if self.existing is None or not self.append:
+            return False
+        if image_id not in self._probed:
+            self.reserve([image_id])
+        return image_id in self._taken
 
     def _delete_unlisted(self) -> None:
-        """Shard files no descriptor lists: left by an interrupted ingest (the lease says no other
-        writer is at work)."""
-        listed = {shard.uri for shard in self.shards}
-        for uri in storage.list_files(storage.join(self.uri, SHARDS_DIR), self.storage_options, suffixes=(".parquet",)):
-            if uri not in listed:
+        """Shard files and index runs no descriptor lists: left by an interrupted ingest (the lease
+        says no other writer is at work). Shards are listed from after the last of an unbroken
+        ``shard-00000 …`` sequence: what an interrupted writer leaves lies past it."""
+        names = {shard.name for shard in self.shards}
+        unbroken = bool(names) and all(shard_name(i) in names for i in range(len(names)))
+        after = f"{shard_name(len(names) - 1)}.parquet" if unbroken else None
+        folder = storage.join(self.uri, SHARDS_DIR)
+        for uri in storage.list_files(folder, self.storage_options, suffixes=(".parquet",), after=after):
+            if storage.basename(uri)[: -len(".parquet")] not in names:
                 storage.delete(uri, self.storage_options)
+        for column in INDEXED if self.existing is not None else ():
+            runs = {run.name for run in self.existing.index.get(column, [])}
+            for uri in storage.list_files(index_folder(self.uri, column), self.storage_options, suffixes=(".parquet",)):
+                if storage.basename(uri) not in runs:
+                    storage.delete(uri, self.storage_options)
 
     def add(
         self,
@@ -452,7 +608,7 @@ class DatasetWriter:
         gt_iscrowd: Sequence[bool] | np.ndarray | None = None,
     ) -> bool:
         """Add one image; returns False (and records the rejection) for a duplicate ``image_id``."""
-        if image_id in self._image_ids:
+        if image_id in self._image_ids or self._in_dataset(image_id):
             self.reject(source or image_id, f"duplicate image_id {image_id!r}")
             return False
         self._image_ids.add(image_id)
@@ -515,6 +671,8 @@ class DatasetWriter:
         shard = self._write_shard(data, table.num_rows)
         if self.append:
             self._keys[shard.name] = [(row["image_id"], row["source"]) for row in self._rows]
+        else:
+            self._index_chunks.append(table.select(list(INDEXED)))
         self.shards.append(shard)
         self._rows = []
 
@@ -533,7 +691,8 @@ class DatasetWriter:
             index += 1
 
     def close(self) -> Dataset:
-        """Write the last shard and then the descriptor; returns the dataset."""
+        """Write the last shard and then the descriptor (replacing) or an append-log entry
+        (appending); returns the dataset."""
         self._flush()
         if self.lease is not None:
             self.lease.verify()
@@ -555,34 +714,89 @@ class DatasetWriter:
         for stale in self._replaced_shards:
             if stale.name not in listed:
                 storage.delete(stale.uri, self.storage_options)
-        return open_dataset(self.uri, self.storage_options)
+        dataset = open_dataset(self.uri, self.storage_options)
+        if dataset.log_next - dataset.log_base >= COMPACT_EVERY and compact(self.uri, self.storage_options):
+            dataset = open_dataset(self.uri, self.storage_options)
+        return dataset
 
     def _commit(self) -> bool:
-        """Write the descriptor if it is still the version this writer read (or still absent)."""
-        data = json.dumps(self._payload(), indent=2, sort_keys=True, default=str).encode()
+        """Appending to a dataset: create the next append-log entry (only if absent). Otherwise:
+        write the descriptor if it is still the version this writer read (or still absent) and no
+        append was logged since."""
+        if self.append and self.existing is not None:
+            entry = self._entry()
+            data = json.dumps(entry, indent=2, sort_keys=True, default=str).encode()
+            return (
+                storage.write_bytes_if_absent(log_uri(self.uri, entry["seq"]), data, self.storage_options) is not None
+            )
+        if self._version is not None and _read_log(self.uri, self._next_seq, self.storage_options) != []:
+            return False
+        payload = descriptor_payload(self._as_dataset())
+        data = json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
         where = descriptor_uri(self.uri)
         if self._version is None:
             version = storage.write_bytes_if_absent(where, data, self.storage_options)
         else:
             version = storage.replace_bytes_if_version(where, data, self._version, self.storage_options)
         self._version = version or self._version
+        if version is not None and self.existing is not None:
+            _prune_log(self.uri, self._next_seq, self.storage_options)
         return version is not None
 
-    def _payload(self) -> dict[str, Any]:
+    def _as_dataset(self) -> Dataset:
+        """What this writer wrote, as a whole dataset (replacing, or creating by appending)."""
+        runs = {column: self._index_runs(column, self._own_keys(column)) for column in INDEXED}
+        return Dataset(
+            **{name: getattr(self, name) for name in ("uri", "categories", "shards", "source", *LISTS, "counts")},
+            created_at=self.created_at,
+            updated_at=_now(),
+            index=runs,
+            log_base=self._next_seq,
+            log_next=self._next_seq,
+        )
+
+    def _entry(self) -> dict[str, Any]:
+        """The append-log entry of this writer: its shards, its additions to the lists, the counts
+        and source after it, the index runs of its rows (of every row when it builds the index)."""
+        runs = {}
+        for column in INDEXED:
+            keys = self._own_keys(column)
+            if self._rebuild is not None:
+                keys = pa.concat_arrays([self._rebuild[column], keys])
+            runs[column] = [run.to_json() for run in self._index_runs(column, keys)]
+        lists = {name: getattr(self, name)[len(getattr(self._base, name)) :] for name in LISTS}
+        if self._skipped_cleared:
+            lists["skipped"] = self.skipped
         return {
-            "format": FORMAT,
-            "categories": self.categories,
-            "shards": [{"name": s.name, "num_images": s.num_images, "num_bytes": s.num_bytes} for s in self.shards],
-            "num_images": sum(s.num_images for s in self.shards),
-            "source": self.source,
-            "rejected": self.rejected,
-            "invalid": self.invalid,
-            "cleaned": self.cleaned,
-            "skipped": self.skipped,
+            "format": LOG_FORMAT,
+            "seq": self._next_seq,
+            "shards": [
+                {"name": s.name, "num_images": s.num_images, "num_bytes": s.num_bytes}
+                for s in self.shards
+                if s.name in self._keys
+            ],
+            "lists": lists,
+            "skipped_cleared": self._skipped_cleared,
             "counts": self.counts,
-            "created_at": self.created_at,
-            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": self.source,
+            "index": runs,
+            "index_rebuilt": self._rebuild is not None,
+            "updated_at": _now(),
         }
+
+    def _own_keys(self, column: str) -> pa.Array:
+        """``column``'s values of the rows this writer wrote, sorted and distinct."""
+        if self.append:
+            position = 0 if column == "image_id" else 1  # _keys holds (image_id, source)
+            return keyindex.sorted_keys(key[position] for keys in self._keys.values() for key in keys)
+        chunks = [piece for chunk in self._index_chunks for piece in chunk.column(column).chunks]
+        keys = pc.drop_null(pa.chunked_array(chunks, pa.string()).combine_chunks())
+        return pc.unique(pc.filter(keys, pc.not_equal(keys, ""))).sort()
+
+    def _index_runs(self, column: str, keys: pa.Array) -> list[Run]:
+        if not len(keys):
+            return []
+        return [keyindex.write_run(index_folder(self.uri, column), keys, self.storage_options)]
 
     # ------------------------------------------------------------------ merging a newer descriptor
 
@@ -592,6 +806,7 @@ class DatasetWriter:
         other writer added meanwhile are taken out of this writer's shards."""
         found = read_descriptor(self.uri, self.storage_options)
         newer, version = found if found is not None else (Dataset(self.uri, self.categories, [], {}), None)
+        self.existing, self._next_seq = (newer, newer.log_next) if found is not None else (None, 0)
         if found is not None and newer.categories != self.categories:
             raise ValueError(f"cannot append to {storage.redact(self.uri)}: its categories changed meanwhile")
         base_names, newer_names = {s.name for s in self._base.shards}, {s.name for s in newer.shards}
@@ -599,6 +814,10 @@ class DatasetWriter:
         self._rebase(newer)
         taken_ids = column_values(added, "image_id", self.storage_options)
         taken_sources = column_values(added, "source", self.storage_options)
+        if self._rebuild is not None:  # still unindexed: the index this writer builds covers the other's rows
+            taken = {"image_id": taken_ids, "source": taken_sources}
+            extend = {c: keyindex.sorted_keys([*self._rebuild[c].to_pylist(), *taken[c]]) for c in INDEXED}
+            self._rebuild = None if newer.indexed else extend
         ours = [shard for shard in self.shards if shard.name in self._keys and shard.name not in newer_names]
         kept = [kept for shard in ours if (kept := self._without(shard, taken_ids, taken_sources)) is not None]
         self.shards = newer.shards + kept
@@ -654,6 +873,36 @@ class DatasetWriter:
         data = _shard_bytes(table, pc.binary_length(table.column("image")).to_pylist())
         storage.write_bytes(shard.uri, data, self.storage_options)  # created by this writer: its own
         return ShardInfo(shard.name, shard.uri, table.num_rows, len(data))
+
+
+def compact(uri: str, storage_options: StorageOptions | None = None) -> bool:
+    """Fold the append log of the dataset at ``uri`` into ``dataset.json`` (compare-and-swap on
+    its version) and merge its index runs size-tiered (``pipeline.index.plan_merge``); False when
+    there was nothing to fold or another writer changed the descriptor first. Folded entries are
+    deleted but the newest (see :func:`_read_log`); merged-away runs are left to the next leased
+    append (:meth:`DatasetWriter._delete_unlisted`)."""
+    found = read_descriptor(uri, storage_options)
+    if found is None or found[0].log_next == found[0].log_base:
+        return False
+    dataset, version = found
+    for column, runs in dataset.index.items():
+        while (taken := keyindex.plan_merge(runs)) >= 2:
+            runs = [*runs[:-taken], keyindex.merge(index_folder(dataset.uri, column), runs[-taken:], storage_options)]
+        dataset.index[column] = runs
+    data = json.dumps(descriptor_payload(dataset), indent=2, sort_keys=True, default=str).encode()
+    if storage.replace_bytes_if_version(descriptor_uri(dataset.uri), data, version, storage_options) is None:
+        return False
+    _prune_log(dataset.uri, dataset.log_next, storage_options)
+    return True
+
+
+def _prune_log(uri: str, next_seq: int, storage_options: StorageOptions | None) -> None:
+    """Delete the log entries a descriptor with ``log.next == next_seq`` has folded in, but the
+    newest of them (readers of an older descriptor see it and know to read again)."""
+    for listed in storage.list_files(storage.join(uri, LOG_DIR), storage_options, suffixes=(".json",)):
+        seq = _log_seq(listed)
+        if seq is not None and seq < next_seq - 1:
+            storage.delete(listed, storage_options)
 
 
 def _shard_bytes(table: pa.Table, image_sizes: Sequence[int]) -> bytes:

@@ -6,8 +6,9 @@ distributor (``pipeline.distributors``: Ray actors on a cluster, or this process
 
 - **plan**: open the dataset, check the output bucket, read the model once for its id, claim the
   output for this model and its row-changing settings (:func:`output_identity`; another model's
-  output is refused before anything under it changes, or deleted first with ``replace``), list the
-  committed shards, queue the others, write the ``running`` manifest;
+  output is refused before anything under it changes, or deleted first with ``replace``), queue the
+  shards outside the previous manifest's ledger that are not committed (``OutputStore.plan``: the
+  cost follows the new shards, not the history), write the ``running`` manifest;
 - **submit**: keep every worker busy with up to two shards (one on the device, one being fetched
   or written);
 - **handle_result**: count a committed (or meanwhile committed: skipped) shard;
@@ -16,7 +17,8 @@ distributor (``pipeline.distributors``: Ray actors on a cluster, or this process
 - **handle_task_error**: storage still failing after its own retries → requeue (same limit); a
   deterministic error (an unreadable Parquet file, say) → the shard is failed at once and the run
   finishes the others;
-- **write_manifest**: every few seconds while running, and at the end with per-shard states.
+- **write_manifest**: every few seconds while running, and at the end with the states of this run's
+  shards, the ledger (every shard accounted for, totals) and a pointer to the previous run's.
 
 Exactly once: the plan skips committed shards, workers commit a shard only after writing both of
 its files (and skip it if it was committed meanwhile), and a retried shard overwrites whatever
@@ -46,7 +48,7 @@ from .decode import DEFAULT_MAX_PIXELS
 from .distributors import Completion, Distributor, ShardFailure, start_distributor
 from .jobs import InferenceSpec
 from .lease import Lease, lease_uri
-from .outputs import OutputIdentity, OutputStore
+from .outputs import Ledger, OutputIdentity, OutputStore
 from .worker import ShardResult, model_id_of
 
 log = logging.getLogger(__name__)
@@ -138,6 +140,9 @@ class InferenceRun:
         self.run_id = new_run_id()
         self.store = OutputStore(spec.out_uri, spec.storage)
         self.queue: deque[ShardInfo] = deque()
+        self.ledger = Ledger()  # the shards known committed: the previous manifest's, and this run's
+        self.previous: str | None = None  # the previous run's final manifest (``_runs/<id>.json``)
+        self.done: list[str] = []  # shards committed by this run
         self.attempts: dict[str, int] = {}
         self.started = time.perf_counter()
         self.last_manifest = time.monotonic()
@@ -181,8 +186,9 @@ class InferenceRun:
         if spec.replace:
             self.store.clear()
         self.store.claim(output_identity(spec, model_id), run_id=self.run_id)
-        committed = self.store.committed_names()
-        self.queue = deque(shard for shard in dataset.shards if shard.name not in committed)
+        plan = self.store.plan([shard.name for shard in dataset.shards])
+        self.ledger, self.previous, pending = plan.ledger, plan.previous, set(plan.pending)
+        self.queue = deque(shard for shard in dataset.shards if shard.name in pending)
         self.summary = RunSummary(
             self.run_id,
             storage.redact(dataset.uri),
@@ -222,7 +228,10 @@ class InferenceRun:
     def handle_result(self, result: ShardResult) -> None:
         if result.skipped:  # committed by another run since the plan
             self.summary.shards_skipped += 1
+            self.ledger.add(result.shard, self.store.records_of([result.shard]).get(result.shard, {}))
             return
+        self.ledger.add(result.shard, asdict(result))
+        self.done.append(result.shard)
         self.summary.shards_done += 1
         self.summary.images += result.num_images
         self.summary.errors += result.num_errors
@@ -261,8 +270,9 @@ class InferenceRun:
             self.lease.verify()
         elif self.lease is not None:
             self.lease.check()
-        committed = self.store.committed_shards() if final else None
-        self.store.write_manifest(build_manifest(self.spec, self.summary, state=state, committed=committed))
+        records = self.store.records_of(self.done) if final else None
+        manifest = build_manifest(self.spec, self.summary, state=state, records=records, ledger=self.ledger)
+        self.store.write_manifest({**manifest, "previous": self.previous})
         self.last_manifest = time.monotonic()
 
     def finish(self) -> RunSummary:
@@ -277,7 +287,8 @@ class InferenceRun:
             return
         self.summary.seconds = time.perf_counter() - self.started
         state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "stopped"
-        manifest = build_manifest(self.spec, self.summary, state=state)
+        manifest = build_manifest(self.spec, self.summary, state=state, ledger=self.ledger)
+        manifest["previous"] = self.previous
         manifest["error"] = storage.redact(f"{type(exc).__name__}: {exc}", storage.secret_values(self.spec.storage))
         try:
             self.store.write_manifest(manifest)
@@ -293,13 +304,14 @@ def build_manifest(
     summary: RunSummary,
     *,
     state: str,
-    committed: dict[str, dict[str, Any]] | None = None,
+    records: dict[str, dict[str, Any]] | None = None,
+    ledger: Ledger | None = None,
 ) -> dict[str, Any]:
     """The run's ``_manifest.json``: ids, ``state`` (``running``, ``finished``, ``failed``: some
     shard failed, ``interrupted``: Ctrl-C or SIGTERM, ``stopped``: the driver stopped early on an
-    error), the output's identity, the job's settings (no secrets:
-    ``spec.public()``), versions, this run's summary; given the commit records, per-shard states
-    and totals."""
+    error), the output's identity, the job's settings (no secrets: ``spec.public()``), versions, this
+    run's summary; given the commit records of this run's shards, their states (and the failed
+    ones'); given the ledger, it and its totals over every shard."""
     manifest = {
         "run_id": summary.run_id,
         "state": state,
@@ -312,14 +324,11 @@ def build_manifest(
         "this_run": summary.to_dict(),
         "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    if committed is not None:
-        manifest["shards"] = _shard_states(committed, summary.failed)
-        manifest["totals"] = {
-            "shards_committed": len(committed),
-            "images": sum(record.get("num_images", 0) for record in committed.values()),
-            "detections": sum(record.get("num_detections", 0) for record in committed.values()),
-            "errors": sum(record.get("num_errors", 0) for record in committed.values()),
-        }
+    if records is not None:
+        manifest["shards"] = _shard_states(records, summary.failed)
+    if ledger is not None:
+        manifest["ledger"] = ledger.to_json()
+        manifest["totals"] = dict(ledger.totals)
     return manifest
 
 

@@ -27,12 +27,13 @@ import numpy as np
 from PIL import Image
 
 from . import storage
-from .dataset import DEFAULT_SHARD_SIZE, Dataset, DatasetWriter, known_sources
+from .dataset import DEFAULT_SHARD_SIZE, Dataset, DatasetWriter
 from .decode import DecodeError, probe
 from .jobs import IngestSpec
 from .lease import Lease, lease_uri
 from .storage import StorageOptions
 
+LISTINGS = ("full", "after-last")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 READ_THREADS = 16
 # Read-ahead limits: files fetched or waiting to be consumed at most, and bytes fetched but not yet
@@ -273,9 +274,12 @@ def _add_coco_image(
 # ------------------------------------------------------------------------------ image prefix
 
 
-def list_images(prefix_uri: str, storage_options: StorageOptions | None = None) -> tuple[list[str], list[str]]:
-    """Image files under ``prefix_uri`` (recursively, suffix case-insensitive) and the other files."""
-    files = storage.list_files(prefix_uri, storage_options, recursive=True)
+def list_images(
+    prefix_uri: str, storage_options: StorageOptions | None = None, *, after: str | None = None
+) -> tuple[list[str], list[str]]:
+    """Image files under ``prefix_uri`` (recursively, suffix case-insensitive) and the other files;
+    with ``after``, only those whose path below the prefix sorts after it (``storage.list_files``)."""
+    files = storage.list_files(prefix_uri, storage_options, recursive=True, after=after)
     images = [u for u in files if u.lower().endswith(IMAGE_SUFFIXES)]
     others = [u for u in files if not u.lower().endswith(IMAGE_SUFFIXES)]
     return images, others
@@ -288,6 +292,7 @@ def ingest_images(
     shard_size: int = DEFAULT_SHARD_SIZE,
     storage_options: StorageOptions | None = None,
     only_new: bool = False,
+    listing: str = "full",
     progress: Progress = None,
     lease_wait_s: float = 0.0,
 ) -> Dataset:
@@ -298,32 +303,62 @@ def ingest_images(
     and is listed under ``invalid``: inference reports it as one error row. A file that cannot be
     read at all is ``rejected``; files without an image suffix are counted (and listed, up to
     ``MAX_LISTED``) under ``skipped``. ``only_new`` appends to an existing dataset only the files
-    whose source URI it does not hold yet (incremental ingest); ``skipped`` then describes the
-    latest listing. The dataset's lease is held from before the descriptor is read (see the module
-    docstring); an image another writer appended meanwhile is not added twice.
+    whose source URI it does not hold yet (incremental ingest: the listed files are probed in the
+    dataset's index of known sources); ``skipped`` then describes the latest listing.
+
+    ``listing``: ``"full"`` lists the whole prefix; ``"after-last"`` (with ``only_new``) lists only
+    the paths that sort after the last one an earlier ingest of this prefix listed (the dataset's
+    ``source.last_listed``): for prefixes whose new files always sort last, such as the documented
+    date-partitioned layout ``incoming/2026/11/30/…``. A file that arrives under a name sorting
+    before that is not seen until a ``"full"`` listing. The dataset's lease is held from before the
+    descriptor is read (see the module docstring); an image another writer appended meanwhile is not
+    added twice.
     """
+    if listing not in LISTINGS:
+        raise ValueError(f"listing must be one of {', '.join(LISTINGS)}, not {listing!r}")
     prefix = storage.normalize(prefix_uri)
-    images, others = list_images(prefix, storage_options)
-    if not images and not others:
-        raise ValueError(f"no files under {storage.redact(prefix)}")
     what = f"ingest images from {storage.redact(prefix)}"
+    source = {"kind": "images", "prefix": storage.redact(prefix), "labelled": False}
     with dataset_lease(out_uri, what, storage_options, lease_wait_s) as lease:
         writer = DatasetWriter(
             out_uri,
             categories=[],
-            source={"kind": "images", "prefix": storage.redact(prefix), "labelled": False},
+            source=source,
             shard_size=shard_size,
             storage_options=storage_options,
             append=only_new,
             lease=lease,
         )
+        after = _listed_after(writer.existing, source, listing) if only_new else None
+        images, others = list_images(prefix, storage_options, after=after)
+        if not images and not others and after is None:
+            raise ValueError(f"no files under {storage.redact(prefix)}")
+        if images or others:
+            writer.source["last_listed"] = storage.relative_path(max(images + others), prefix)
         if only_new and writer.existing is not None and writer.existing.shards:
-            seen = known_sources(writer.existing, storage_options)
-            images = [u for u in images if u not in seen]
+            images = _new_images(writer, prefix, images)
             if not images:  # nothing new: the dataset is left as it is, not even rewritten
                 return writer.existing
-            writer.clear_skipped()
+            if after is None:
+                writer.clear_skipped()
         return _add_images(writer, prefix, images, others, storage_options, progress)
+
+
+def _listed_after(existing: Dataset | None, source: dict, listing: str) -> str | None:
+    """Where an ``"after-last"`` listing starts: the last path listed by an earlier ingest of the
+    same prefix; None (list everything) for a full listing or a first ingest."""
+    if listing != "after-last" or existing is None or existing.source.get("prefix") != source["prefix"]:
+        return None
+    return existing.source.get("last_listed")
+
+
+def _new_images(writer: DatasetWriter, prefix: str, images: list[str]) -> list[str]:
+    """The listed images whose source the dataset does not hold (one probe of its index), their
+    ids looked up in one probe too."""
+    held = writer.held("source", images)
+    new = [uri for uri in images if uri not in held]
+    writer.reserve(storage.relative_path(uri, prefix) for uri in new)
+    return new
 
 
 def _add_images(
@@ -428,6 +463,7 @@ def ingest(spec: IngestSpec, progress: Progress = None) -> Dataset:
             spec.out_uri,
             shard_size=spec.shard_size,
             only_new=spec.only_new,
+            listing=spec.listing,
             storage_options=spec.storage,
             progress=progress,
             lease_wait_s=spec.lease_wait_s,

@@ -29,6 +29,8 @@ from .storage_config import StorageConfig
 Device = Literal["auto", "cpu", "cuda"]
 Amp = Literal["off", "bf16", "fp16"]
 IngestSource = Literal["coco", "images", "synthetic"]
+# How an incremental ingest lists its prefix: all of it, or only what sorts after the last path listed.
+Listing = Literal["full", "after-last"]
 
 
 def _check(condition: bool, message: str) -> None:
@@ -113,12 +115,14 @@ class IngestSpec(JobSpec):
     image_size: int = 128
     shard_size: int = 256
     only_new: bool = False
+    listing: Listing = "full"
     lease_wait_s: float = 0.0
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     def __post_init__(self) -> None:
         _nested(self)
         _check(self.source in ("coco", "images", "synthetic"), f"unknown source {self.source!r}")
+        _check(self.listing in ("full", "after-last"), f"listing must be full or after-last, not {self.listing!r}")
         _check(self.source == "synthetic" or bool(self.images_uri), f"source {self.source!r} needs images_uri")
         _check(self.source != "coco" or bool(self.annotations_uri), "source 'coco' needs annotations_uri")
         _check(self.num_images >= 1 and self.shard_size >= 1, "num_images and shard_size must be ≥ 1")
@@ -243,16 +247,20 @@ class EvaluateSpec(JobSpec):
 @dataclass(frozen=True)
 class DetectNewSpec(JobSpec):
     """The nightly job: append the images under ``images_uri`` that ``inference.data_uri`` does
-    not hold yet, then run ``inference`` (only uncommitted shards)."""
+    not hold yet, then run ``inference`` (only uncommitted shards). ``listing``: ``after-last``
+    lists only the paths sorting after the last one listed before (date-partitioned prefixes,
+    ``incoming/2026/11/30/…``); ``full`` lists everything (catches files that arrived out of order)."""
 
     images_uri: str
     inference: InferenceSpec
     shard_size: int = 256
+    listing: Listing = "full"
 
     def __post_init__(self) -> None:
         if isinstance(self.inference, dict):
             object.__setattr__(self, "inference", InferenceSpec(**self.inference))
         _check(self.shard_size >= 1, "shard_size must be ≥ 1")
+        _check(self.listing in ("full", "after-last"), f"listing must be full or after-last, not {self.listing!r}")
         _normalise_uris(self, "images_uri")
 
     @property
@@ -266,6 +274,7 @@ class DetectNewSpec(JobSpec):
             images_uri=self.images_uri,
             shard_size=self.shard_size,
             only_new=True,
+            listing=self.listing,
             lease_wait_s=self.inference.lease_wait_s,
             storage=self.inference.storage,
         )

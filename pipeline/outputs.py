@@ -12,7 +12,10 @@ Layout at ``OUT_URI/``::
                                  where it was done (node, worker)
     _identity.json               what the output belongs to: one model (its id) and the settings that
                                  change rows (see "Identity" below)
-    _manifest.json               the run: ids, settings, versions, per-shard state, totals, timings
+    _manifest.json               the latest run: ids, settings, versions, its shards' states, the
+                                 ledger (every shard accounted for, as ranges; totals) and a pointer
+                                 to the previous run's final manifest
+    _runs/<run_id>.json          each run's final manifest, kept: the chain of ``previous`` pointers
 
 Commit protocol:
 
@@ -30,6 +33,15 @@ Commit protocol:
    again right before it starts a shard (``ShardWorker.process``). ``write_shard`` itself always
    writes: the shards it is given are the uncommitted ones.
 
+Ledger (what lets a nightly run cost what is new): a manifest carries the :class:`Ledger` of the
+shards known committed — ranges of shard numbers, so it stays a few bytes whatever the history —
+and totals over them. A run plans from it (:meth:`OutputStore.plan`): one listing of the record
+names says what is committed, and only records the ledger does not hold yet are read (committed by
+a run that died before its final manifest: adopted into the ledger), so the plan costs the new
+shards plus a listing request per 1,000 shards, not a read of every record. Commit records stay the
+truth: a shard is committed iff its record exists; a ledger naming a shard whose record is gone
+(deleted by hand to have the shard redone) is rebuilt from the records.
+
 Identity: an output prefix holds the detections of one model and one set of row-changing settings
 (:class:`OutputIdentity`; ``pipeline.inference.output_identity`` says which settings). The first
 run records it in ``_identity.json``, written only if absent (``storage.write_bytes_if_absent``),
@@ -42,12 +54,13 @@ commit records, its settings unknown; the first run of that model records its ow
 
 from __future__ import annotations
 
+import bisect
 import io
 import json
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -60,11 +73,14 @@ DETECTIONS = "detections"
 IMAGES = "images"
 COMMITS = "_commits"
 MANIFEST = "_manifest.json"
+RUNS = "_runs"
+LEDGER_TOTALS = ("images", "detections", "errors")
 IDENTITY = "_identity.json"
 IDENTITY_FORMAT = "detectflow.output-identity/1"
-# What a replacing run deletes, in this order: commit records first, so that a reader never sees a
+# What a replacing run deletes, in this order: the manifest and its ledger first (the ledger must
+# never name a shard whose record is gone), then the commit records, so that a reader never sees a
 # committed shard whose files are gone; the identity last.
-REPLACED = (COMMITS, IMAGES, DETECTIONS, "metrics.json", "pr_curve.png", MANIFEST, IDENTITY)
+REPLACED = (MANIFEST, RUNS, COMMITS, IMAGES, DETECTIONS, "metrics.json", "pr_curve.png", IDENTITY)
 
 DETECTIONS_SCHEMA = pa.schema(
     [
@@ -95,6 +111,14 @@ IMAGES_SCHEMA = pa.schema(
     ]
 )
 SCHEMAS = {DETECTIONS: DETECTIONS_SCHEMA, IMAGES: IMAGES_SCHEMA}
+
+
+FINAL_STATES = ("finished", "failed")
+
+
+def run_path(run_id: str) -> str:
+    """Where a run's final manifest is kept, relative to the output: ``_runs/<run_id>.json``."""
+    return f"{RUNS}/{run_id}.json"
 
 
 def to_parquet_bytes(table: pa.Table) -> bytes:
@@ -130,6 +154,72 @@ class OutputIdentity:
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> OutputIdentity:
         return cls(value["model_id"], value.get("settings"))
+
+
+@dataclass
+class Ledger:
+    """The shards an output's manifest accounts for: ``ranges`` of shard numbers (``shard-00012``
+    → 12; ``[[0, 3905]]`` for 3,906 shards, inclusive), ``others`` for names of another form, and
+    totals over them (``shards_committed``, ``images``, ``detections``, ``errors``)."""
+
+    ranges: list[list[int]] = field(default_factory=list)
+    others: list[str] = field(default_factory=list)
+    totals: dict[str, int] = field(default_factory=lambda: {"shards_committed": 0, **dict.fromkeys(LEDGER_TOTALS, 0)})
+
+    def __contains__(self, name: str) -> bool:
+        number = _shard_number(name)
+        if number is None:
+            return name in self.others
+        at = bisect.bisect_right(self.ranges, [number, float("inf")]) - 1
+        return at >= 0 and self.ranges[at][0] <= number <= self.ranges[at][1]
+
+    def add(self, name: str, record: dict[str, Any]) -> None:
+        """Account for committed shard ``name`` with its record's counts (once)."""
+        if name in self:
+            return
+        number = _shard_number(name)
+        if number is None:
+            self.others.append(name)
+        else:
+            at = bisect.bisect_left(self.ranges, [number, number])
+            self.ranges.insert(at, [number, number])
+            self.ranges = _merged(self.ranges)
+        self.totals["shards_committed"] += 1
+        for key in LEDGER_TOTALS:
+            self.totals[key] += int(record.get(f"num_{key}", 0) or 0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ranges": self.ranges, "others": self.others, "totals": dict(self.totals)}
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> Ledger:
+        return cls([list(r) for r in value["ranges"]], list(value.get("others", [])), dict(value["totals"]))
+
+
+def _shard_number(name: str) -> int | None:
+    digits = name[len("shard-") :] if name.startswith("shard-") else ""
+    return int(digits) if digits.isdigit() else None
+
+
+def _merged(ranges: list[list[int]]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for low, high in ranges:
+        if out and low <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], high)
+        else:
+            out.append([low, high])
+    return out
+
+
+@dataclass
+class Plan:
+    """What a run has to do (:meth:`OutputStore.plan`): the ``pending`` shards, the ``ledger``
+    (the previous one plus shards found committed meanwhile) and ``previous``, the path (relative
+    to the output) of the last final manifest, if any."""
+
+    pending: list[str]
+    ledger: Ledger
+    previous: str | None
 
 
 def _refusal(uri: str, differences: dict[str, tuple[Any, Any]]) -> str:
@@ -168,11 +258,48 @@ class OutputStore:
         return {storage.basename(uri)[: -len(".json")] for uri in records}
 
     def committed_shards(self) -> dict[str, dict[str, Any]]:
-        """Commit records of the committed shards, by shard name."""
+        """Commit records of the committed shards, by shard name (every record: O(all shards);
+        the run's plan uses :meth:`plan` instead)."""
         names = sorted(self.committed_names())
         with ThreadPoolExecutor(max_workers=8) as pool:
             records = pool.map(lambda n: storage.read_json(self.commit_uri(n), self.storage_options), names)
             return dict(zip(names, records))
+
+    def records_of(self, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The commit records of those of ``names`` that are committed (a read per name)."""
+        names = sorted(set(names))
+
+        def read(name: str) -> dict[str, Any] | None:
+            try:
+                return storage.read_json(self.commit_uri(name), self.storage_options)
+            except storage.StorageError as exc:
+                if exc.reason == storage.NOT_FOUND:
+                    return None
+                raise
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            return {name: record for name, record in zip(names, pool.map(read, names)) if record is not None}
+
+    def plan(self, shards: Iterable[str]) -> Plan:
+        """The shards of ``shards`` left to do and the ledger. Which shards are committed comes from
+        one listing of ``_commits/`` (names only: a request per 1,000 shards); records are read
+        only for committed shards the ledger does not hold yet (committed by a run that stopped
+        before its final manifest). An output whose manifest has no ledger (none yet, or written by
+        an older version), or whose ledger names a shard without a record (deleted by hand to have it
+        redone), has every record read, once."""
+        manifest = self.read_manifest() or {}
+        previous = manifest.get("previous")
+        if manifest.get("state") in FINAL_STATES:
+            previous = run_path(manifest["run_id"])
+        committed = self.committed_names()
+        ledger = Ledger.from_json(manifest["ledger"]) if "ledger" in manifest else None
+        if ledger is None or sum(1 for name in committed if name in ledger) != ledger.totals["shards_committed"]:
+            ledger, unaccounted = Ledger(), committed
+        else:
+            unaccounted = {name for name in committed if name not in ledger}
+        for name, record in sorted(self.records_of(unaccounted).items()):
+            ledger.add(name, record)
+        return Plan([name for name in shards if name not in committed], ledger, previous)
 
     def is_committed(self, shard: str) -> bool:
         """Whether ``shard``'s commit record exists."""
@@ -217,7 +344,10 @@ class OutputStore:
         return storage.read_json(self.manifest_uri, self.storage_options)
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
-        """Replace the run manifest (atomically)."""
+        """Replace the run manifest (atomically); a final one (``finished``, ``failed``) is also
+        kept as ``_runs/<run_id>.json``, where the next run's manifest points."""
+        if manifest.get("state") in FINAL_STATES:
+            storage.write_json(storage.join(self.uri, run_path(manifest["run_id"])), manifest, self.storage_options)
         storage.write_json(self.manifest_uri, manifest, self.storage_options)
 
     # ----------------------------------------------------------------------------- identity
@@ -268,9 +398,9 @@ class OutputStore:
             self.check_identity(identity)
 
     def clear(self) -> None:
-        """Delete the outputs (:data:`REPLACED`): commit records first, so that no reader ever sees
+        """Delete the outputs (:data:`REPLACED`): the manifest and kept run manifests first (their
+        ledger names committed shards), then commit records, so that no reader ever sees
         a committed shard whose files are gone, then images before detections (the reverse of
-        their writing), the manifest and the identity.
-        Other files under the prefix are left alone."""
+        their writing), the identity last. Other files under the prefix are left alone."""
         for name in REPLACED:
             storage.delete(storage.join(self.uri, name), self.storage_options)

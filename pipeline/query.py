@@ -1,8 +1,9 @@
 """SQL over inference outputs: DuckDB with views ``detections`` and ``images`` over the committed
 output files only (a half-written shard is never visible).
 
-Files are read through fsspec (any URI the storage layer handles, S3 included) and handed to DuckDB
-as Arrow datasets, which it scans lazily with projection and filter push-down.
+Local files are handed to DuckDB's own Parquet reader as a list (no Python in the scan); files
+elsewhere are read through fsspec (any URI the storage layer handles, S3 included) and handed to
+DuckDB as Arrow datasets, which it scans lazily with projection and filter push-down.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ def open_views(out_uri: str, storage_options: StorageOptions | None = None) -> d
     connection = duckdb.connect()
     for table in (DETECTIONS, IMAGES):
         files = store.committed_files(table)
+        if files and storage.protocol_of(files[0]) == "file":  # DuckDB's own reader: no Python in the scan
+            paths = [storage.filesystem(f)[1] for f in files]
+            connection.read_parquet(paths).create_view(table)
+            continue
         if files:
             fs, _ = storage.filesystem(files[0], storage_options)
             paths = [storage.filesystem(f, storage_options)[1] for f in files]

@@ -564,6 +564,7 @@ def list_files(
     *,
     recursive: bool = False,
     suffixes: tuple[str, ...] | None = None,
+    after: str | None = None,
 ) -> list[str]:
     """URIs of the files under ``prefix`` (sorted). A missing prefix is an empty list; a missing
     bucket is a permanent :class:`StorageError` (a typo in a bucket name is not "no images").
@@ -571,16 +572,26 @@ def list_files(
     ``suffixes`` filters by name ending, case-insensitively (``(".jpg", ".png")``). Hidden and
     temporary files (names starting with ``.`` or ``_``) are left out. The URIs are spelt like
     ``prefix`` (``memory://x`` stays ``memory://x/…``, not ``memory:///x/…``).
+
+    ``after`` (a path relative to ``prefix``; the listing is then recursive): only the files whose
+    relative path sorts after it, found without listing the others where the store allows: S3
+    ``ListObjectsV2`` with ``StartAfter``; on local disks folders whose every path sorts before
+    ``after`` are not entered. Elsewhere the full listing is filtered.
     """
     fs, path = filesystem(prefix, storage_options)
     bucket = _bucket_of(prefix, path)
 
     def listing() -> list[str]:
         fs.invalidate_cache(path)
+        if after is not None and (hasattr(fs, "call_s3") or isinstance(fs, LocalFileSystem)):
+            return _listing_after(fs, path, after)
         if not fs.exists(path):
             if bucket is not None and bucket != path and not _bucket_exists(fs, bucket):
                 raise FileNotFoundError(f"bucket {bucket!r} does not exist")
             return []
+        if after is not None:
+            root = path.rstrip("/") + "/"
+            return sorted(name for name in fs.find(path) if name[len(root) :] > after)
         if recursive:
             entries = fs.find(path, detail=True)
             names = [name for name, info in entries.items() if info.get("type") != "directory"]
@@ -600,6 +611,40 @@ def list_files(
             continue
         out.append(base + "/" + name[len(root) :] if name.startswith(root) else to_uri(fs, name))
     return out
+
+
+def _listing_after(fs: fsspec.AbstractFileSystem, path: str, after: str) -> list[str]:
+    """Paths of the files below ``path`` whose path relative to it sorts after ``after``: S3
+    ``StartAfter`` (one request per 1,000 keys listed), or a walk of a local folder that skips the
+    subfolders lying wholly before ``after``."""
+    root = path.rstrip("/") + "/"
+    if hasattr(fs, "call_s3"):
+        bucket, key, _ = fs.split_path(root)
+        request = {"Bucket": bucket, "Prefix": key, "StartAfter": key + after}
+        names: list[str] = []
+        while True:
+            page = fs.call_s3("list_objects_v2", **request)
+            names += [f"{bucket}/{entry['Key']}" for entry in page.get("Contents", [])]
+            if not page.get("IsTruncated"):
+                return sorted(names)
+            request["ContinuationToken"] = page["NextContinuationToken"]
+    found: list[str] = []
+    folders = [root]
+    while folders:
+        folder = folders.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            relative = folder[len(root) :] + entry.name
+            if entry.is_dir():
+                below = relative + "/"
+                if below > after or after.startswith(below):
+                    folders.append(folder + entry.name + "/")
+            elif relative > after:
+                found.append(root + relative)
+    return sorted(found)
 
 
 def delete(uri: str, storage_options: StorageOptions | None = None, *, missing_ok: bool = True) -> None:
