@@ -30,7 +30,9 @@ from .stream import steps_per_epoch
 class TrainSummary:
     """A finished run. ``restarts``: times the worker group was started again after a failure;
     ``worker_nodes``: rank → the Ray node id it last ran on; ``resumed_from``: the step each start
-    of the worker group continued from (``[0]`` for a fresh run without failures)."""
+    of the worker group continued from (``[0]`` for a fresh run without failures). Speeds are
+    medians over rank 0's steps (the first left out): ``images_per_s_per_worker`` of the step
+    alone, ``end_to_end_images_per_s_per_worker`` with the wait for input included."""
 
     model_uri: str
     steps: int
@@ -39,6 +41,7 @@ class TrainSummary:
     first_loss: float
     last_loss: float
     images_per_s_per_worker: float
+    end_to_end_images_per_s_per_worker: float
     restarts: int
     metrics_uri: str
     worker_nodes: dict[int, str] = field(default_factory=dict)
@@ -99,7 +102,7 @@ def train(spec: TrainSpec, *, progress: Progress | None = None) -> TrainSummary:
         raise RuntimeError("training produced no metrics")
     png = loss_curves_png(metrics)
     storage.write_bytes(storage.join(spec.model_out_uri, "loss_curves.png"), png, spec.storage)
-    rates = [m["images_per_s"] for m in metrics[1:]] or [metrics[0]["images_per_s"]]
+    later = metrics[1:] or metrics
     resumed_from = [start.step for start in starts if start.rank == 0]
     return TrainSummary(
         model_uri=model_uri(spec),
@@ -108,7 +111,10 @@ def train(spec: TrainSpec, *, progress: Progress | None = None) -> TrainSummary:
         seconds=seconds,
         first_loss=float(np.mean([m["loss"] for m in metrics[:5]])),
         last_loss=float(np.mean([m["loss"] for m in metrics[-5:]])),
-        images_per_s_per_worker=float(np.median(rates)),
+        images_per_s_per_worker=float(np.median([m["images_per_s"] for m in later])),
+        end_to_end_images_per_s_per_worker=float(
+            np.median([m.get("end_to_end_images_per_s", m["images_per_s"]) for m in later])
+        ),
         restarts=max(0, len(resumed_from) - 1),
         metrics_uri=metrics_uri(spec.model_out_uri),
         worker_nodes={start.rank: start.node_id for start in sorted(starts, key=lambda start: start.rank)},

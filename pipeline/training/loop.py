@@ -10,6 +10,7 @@ driver's settings exist.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from .metrics import load_metrics, write_metrics
 from .plan import TrainPlan
 from .progress import WorkerStart
 from .step import build_optimiser, train_step
-from .stream import epoch_batches, epoch_chunk, steps_per_epoch
+from .stream import RunBatches, StreamSettings, batch_loader, steps_per_epoch
 from .validation import validation_metrics
 
 __all__ = ["train_loop_per_worker"]
@@ -60,7 +61,7 @@ class _Worker:
         self.per_epoch = steps_per_epoch(dataset, world, spec.batch_size)
         self.total = spec.steps or self.per_epoch * (spec.total_epochs or 1)
         model = build_detector(spec.preset, plan.num_classes, class_names=list(plan.class_names), **spec.overrides)
-        self.optimiser = build_optimiser(model, spec, world, self.total)
+        self.optimiser = build_optimiser(model, spec, world, self.total, self.per_epoch)
         latest = checkpoints.latest_checkpoint(spec.model_out_uri, spec.storage)
         self.step = checkpoints.restore(latest, model, self.optimiser)
         if self.sink is not None:
@@ -71,28 +72,22 @@ class _Worker:
         self.model = ray.train.torch.prepare_model(model)
         self.core = getattr(self.model, "module", self.model)  # unwrapped from DDP
         self.model.train()
-        while self.step < self.total:
-            self._epoch(dataset, world)
+        self._train(dataset, world)
         if rank == 0:
             checkpoints.save_model(spec, plan, self.core.to("cpu"))
             write_metrics(spec.model_out_uri, self.metrics, spec.storage)
 
-    def _epoch(self, dataset: Dataset, world: int) -> None:
-        """The rest of the current epoch (from the step it is at), or up to ``total``."""
+    def _train(self, dataset: Dataset, world: int) -> None:
+        """Step through the batches the loader prepares ahead, from the current step to ``total``
+        (which a reached validation target lowers). Each record has the step's own speed and the
+        speed with the wait for its batch included."""
         spec = self.spec
-        epoch = self.step // self.per_epoch
-        batches = epoch_batches(
-            dataset,
-            epoch_chunk(dataset, spec.seed, epoch, self.rank, world),
-            batch_size=spec.batch_size,
-            seed=spec.seed,
-            epoch=epoch,
-            rank=self.rank,
-            hflip=spec.hflip,
-            storage_options=spec.storage,
-            skip=self.step - epoch * self.per_epoch,
-        )
-        for _ids, images, targets in batches:
+        settings = StreamSettings(spec.batch_size, spec.seed, spec.hflip, spec.storage)
+        batches = RunBatches(dataset, settings, rank=self.rank, world=world, start=self.step, stop=self.total)
+        loader = batch_loader(batches, workers=spec.loader_workers, pin_memory=self.device.type == "cuda")
+        waiting = time.perf_counter()
+        for epoch, (_ids, images, targets) in loader:
+            waited = time.perf_counter() - waiting
             if self.step >= self.total:
                 return
             record = train_step(
@@ -104,8 +99,10 @@ class _Worker:
                 clip_grad_norm=spec.clip_grad_norm,
                 amp=spec.amp,
             )
+            record.update(end_to_end(len(images), waited, record["images_per_s"]))
             self.step += 1
             self._after_step({"step": self.step, "epoch": epoch, **record}, epoch)
+            waiting = time.perf_counter()
 
     def _after_step(self, record: dict[str, Any], epoch: int) -> None:
         """Validate, tell the driver, checkpoint and report, each when it is due."""
@@ -138,6 +135,12 @@ class _Worker:
         if _agree(reached, self.device):  # every rank stops at the same step
             self.total = step
         return self.rank == 0
+
+
+def end_to_end(images: int, waited_s: float, step_images_per_s: float) -> dict[str, float]:
+    """``input_wait_s`` (the step waiting for its batch) and ``end_to_end_images_per_s`` (the
+    step's images over the wait and the step together)."""
+    return {"input_wait_s": waited_s, "end_to_end_images_per_s": images / (waited_s + images / step_images_per_s)}
 
 
 def _agree(flag: bool, device: torch.device) -> bool:

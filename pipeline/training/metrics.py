@@ -1,6 +1,7 @@
 """``MODEL_OUT/metrics.jsonl``: one JSON record per step (``step``, ``epoch``, ``loss`` and its
-terms, ``lr``, ``images_per_s``; ``val_AP``/``val_AP50`` at validation steps), written by rank 0
-with each checkpoint and at the end."""
+terms, ``lr``, ``images_per_s`` of the step alone, ``end_to_end_images_per_s`` with the wait for
+the batch included and that wait, ``input_wait_s``; ``val_AP``/``val_AP50`` at validation steps),
+written by rank 0 with each checkpoint and at the end."""
 
 from __future__ import annotations
 

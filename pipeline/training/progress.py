@@ -79,11 +79,18 @@ def format_progress(record: dict[str, Any]) -> str:
     """One line for a progress record: step, loss, lr, speed and, when present, validation AP."""
     line = (
         f"step {record['step']}/{record['total']}  epoch {record['epoch']}  loss {record['loss']:.3f}  "
-        f"lr {record['lr']:.4f}  {record['images_per_s']:.1f} images/s per worker"
+        f"lr {record['lr']:.4f}  {_speed(record)}"
     )
     if "val_AP50" in record:
         line += f"  validation AP50 {record['val_AP50']:.3f} AP {record['val_AP']:.3f}"
     return line
+
+
+def _speed(record: dict[str, Any]) -> str:
+    """images/s per worker end to end (input included), and of the step alone when they differ."""
+    step = record["images_per_s"]
+    end_to_end = record.get("end_to_end_images_per_s", step)
+    return f"{end_to_end:.1f} images/s per worker (step alone {step:.1f})"
 
 
 def log_progress(record: dict[str, Any]) -> None:

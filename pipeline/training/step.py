@@ -1,5 +1,5 @@
 """The optimiser and one optimisation step: SGD with momentum and weight decay, the schedule of
-``schedule``, optional gradient clipping, bf16 autocast on CUDA."""
+``schedule`` (the warm-up at most one epoch long), optional gradient clipping, bf16 autocast on CUDA."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from ..jobs import TrainSpec
-from .schedule import lr_factor, scaled_lr
+from .recipe import scaled_lr
+from .schedule import lr_factor
 
 
 @dataclass
@@ -21,8 +22,10 @@ class Optimiser:
     scheduler: torch.optim.lr_scheduler.LambdaLR
 
 
-def build_optimiser(model: torch.nn.Module, spec: TrainSpec, world: int, total: int) -> Optimiser:
-    """SGD over ``model``'s trainable parameters, scheduled over ``total`` steps."""
+def build_optimiser(model: torch.nn.Module, spec: TrainSpec, world: int, total: int, per_epoch: int) -> Optimiser:
+    """SGD over ``model``'s trainable parameters, scheduled over ``total`` steps of which the first
+    ``spec.warmup_steps`` (at most one epoch of ``per_epoch``) warm up."""
+    warmup = min(spec.warmup_steps, per_epoch)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(
         params,
@@ -31,7 +34,10 @@ def build_optimiser(model: torch.nn.Module, spec: TrainSpec, world: int, total: 
         weight_decay=spec.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total, spec.warmup_steps, spec.schedule)
+        optimizer,
+        lambda s: lr_factor(
+            s, total, warmup, spec.schedule, warmup_factor=spec.warmup_factor, milestones=spec.lr_milestones
+        ),
     )
     return Optimiser(params, optimizer, scheduler)
 
@@ -46,12 +52,13 @@ def train_step(
     clip_grad_norm: float | None,
     amp: bool,
 ) -> dict[str, float]:
-    """Forward, loss, backward, clip, step and schedule on one batch (``images`` float ``[3,H,W]``
-    in ``[0,1]`` on the CPU, ``targets`` as the model takes them). Returns the record of the step:
-    ``loss`` (the sum), each loss term, the ``lr`` now and this worker's ``images_per_s``."""
+    """Forward, loss, backward, clip, step and schedule on one batch (``images`` uint8 ``[3,H,W]``
+    on the CPU, pinned for a CUDA ``device``; ``targets`` as the model takes them). Returns the
+    record of the step: ``loss`` (the sum), each loss term, the ``lr`` now and this worker's
+    ``images_per_s`` (of the step alone: from the batch in hand to the updated weights)."""
     started = time.perf_counter()
-    images = [image.to(device) for image in images]
-    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+    images = [image.to(device, non_blocking=True).float().div_(255) for image in images]
+    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
         losses = model(images, targets)
     loss = sum(losses.values())
