@@ -506,8 +506,16 @@ def train_command(
     workers: Annotated[int, typer.Option("--workers", min=1, help="DDP workers (Ray Train).")] = 2,
     epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Epochs (default 1 unless --steps).")] = None,
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Optimizer steps instead of epochs.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per worker per step.")] = 4,
-    lr: Annotated[float, typer.Option("--lr", min=0.0, help="Learning rate per 16 images (scaled).")] = 0.02,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", min=1, help="Images per worker per step (default: the recipe's).")
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option("--lr", min=0.0, help="Learning rate per 16 images, scaled (default: the recipe's).")
+    ] = None,
+    warmup_steps: Annotated[
+        int | None, typer.Option("--warmup-steps", min=0, help="Warm-up steps (default: the recipe's images).")
+    ] = None,
+    schedule: Annotated[str | None, typer.Option("--schedule", help="cosine or step (default: the recipe's).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of initialisation and data order.")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint.")] = False,
     val: Annotated[str | None, typer.Option("--val", help="Validation dataset (mAP after training).")] = None,
@@ -519,6 +527,8 @@ def train_command(
     storage_option: StorageOption = None,
 ) -> None:
     """Train a Faster R-CNN with DDP on Ray Train; checkpoints and metrics in object storage."""
+    from pipeline.training.recipe import describe_recipe
+
     if val and (resume or num_classes is not None):
         raise typer.BadParameter("--val trains from scratch with the dataset's classes", param_hint="--val")
     options = _storage(storage_option)
@@ -533,6 +543,8 @@ def train_command(
             steps=steps,
             batch_size=batch_size,
             lr=lr,
+            warmup_steps=warmup_steps,
+            schedule=schedule,
             seed=seed,
             resume=resume,
             val_uri=val,
@@ -541,6 +553,7 @@ def train_command(
             storage=options,
         )
     )
+    typer.echo(f"recipe      {describe_recipe(spec)}")
     pipelines = _run(_flows)
 
     def run() -> dict[str, Any]:
@@ -552,7 +565,8 @@ def train_command(
     summary, metrics = result["training"], result["metrics"]
     typer.echo(
         f"steps       {summary['steps']} ({summary['epochs_seen']:.2f} epochs) in {summary['seconds']:.0f} s, "
-        f"{summary['images_per_s_per_worker']:.1f} images/s per worker\n"
+        f"{summary['end_to_end_images_per_s_per_worker']:.1f} images/s per worker "
+        f"(step alone {summary['images_per_s_per_worker']:.1f})\n"
         f"loss        {summary['first_loss']:.3f} → {summary['last_loss']:.3f}\n"
         f"model       {storage.redact(summary['model_uri'])}\n"
         f"metrics     {storage.redact(summary['metrics_uri'])} (and loss_curves.png)\n"

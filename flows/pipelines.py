@@ -244,10 +244,12 @@ def infer_task(spec: InferenceSpec, on_progress: Progress = None) -> dict[str, A
 @task(name="train", **RETRYING)
 def train_task(spec: TrainSpec) -> dict[str, Any]:
     from pipeline.training import format_progress, latest_checkpoint, train
+    from pipeline.training.recipe import describe_recipe
 
     if current_task_run.run_count > 1 and latest_checkpoint(spec.model_out_uri, spec.storage) is not None:
         spec = dataclasses.replace(spec, resume=True)  # a retried attempt continues from its predecessor
     logger = get_run_logger()  # captured here: progress arrives on a polling thread
+    logger.info("recipe: %s", describe_recipe(spec))
     summary = train(spec, progress=lambda record: logger.info(format_progress(record)))
     return dataclasses.asdict(summary)
 
@@ -351,8 +353,9 @@ def train_flow(spec: TrainSpec) -> dict[str, Any]:
     spec = resolved(spec)
     summary = train_task(spec)
     get_run_logger().info(
-        "%d steps (%.2f epochs) in %.0f s, %.1f images/s per worker; loss %.3f → %.3f; model %s",
-        *(summary[k] for k in ("steps", "epochs_seen", "seconds", "images_per_s_per_worker")),
+        "%d steps (%.2f epochs) in %.0f s, %.1f images/s per worker (step alone %.1f); loss %.3f → %.3f; model %s",
+        *(summary[k] for k in ("steps", "epochs_seen", "seconds", "end_to_end_images_per_s_per_worker")),
+        summary["images_per_s_per_worker"],
         summary["first_loss"],
         summary["last_loss"],
         summary["model_uri"],
@@ -363,7 +366,8 @@ def train_flow(spec: TrainSpec) -> dict[str, Any]:
         ("steps", f"{summary['steps']} ({summary['epochs_seen']:.2f} epochs)"),
         ("workers", spec.workers),
         ("loss", f"{summary['first_loss']:.3f} → {summary['last_loss']:.3f}"),
-        ("images/s per worker", f"{summary['images_per_s_per_worker']:.1f}"),
+        ("images/s per worker", f"{summary['end_to_end_images_per_s_per_worker']:.1f}"),
+        ("images/s per worker, step alone", f"{summary['images_per_s_per_worker']:.1f}"),
         ("restarts", summary["restarts"]),
         ("time", f"{summary['seconds']:.0f} s"),
     ]

@@ -180,8 +180,14 @@ class InferenceSpec(JobSpec):
 @dataclass(frozen=True)
 class TrainSpec(JobSpec):
     """Training of ``preset`` on the labelled dataset ``data_uri``; everything lands under
-    ``model_out_uri``. ``lr`` is per 16 images, scaled with the global batch (``workers`` ×
-    ``batch_size``). ``val_uri``: a labelled dataset scored every ``val_every`` steps (and, by the
+    ``model_out_uri``. The recipe settings left as None (``batch_size``, ``lr``, ``warmup_steps``,
+    ``warmup_factor``, ``schedule``, ``lr_milestones``, ``momentum``, ``weight_decay``) take the
+    preset's recipe (``pipeline.training.recipe``) when the spec is built. ``lr`` is per 16 images,
+    scaled with the global batch (``workers`` × ``batch_size``); the recipe's warm-up is given in
+    images, so its steps follow the global batch too. ``lr_milestones``: fractions of the run at
+    which the step schedule multiplies the learning rate by 0.1. ``loader_workers``: processes per
+    training worker that read and decode batches ahead of the step (0: in the step's process).
+    ``val_uri``: a labelled dataset scored every ``val_every`` steps (and, by the
     train-and-evaluate flow, after training); ``target_ap50``: stop once it is reached."""
 
     data_uri: str
@@ -191,15 +197,18 @@ class TrainSpec(JobSpec):
     workers: int = 2
     epochs: int | None = None
     steps: int | None = None
-    batch_size: int = 4
-    lr: float = 0.02
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_steps: int = 50
-    schedule: Literal["cosine", "step"] = "cosine"
+    batch_size: int | None = None
+    lr: float | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+    warmup_steps: int | None = None
+    warmup_factor: float | None = None
+    schedule: Literal["cosine", "step"] | None = None
+    lr_milestones: tuple[float, ...] | None = None
     clip_grad_norm: float | None = None
     hflip: bool = True
     amp: bool = True
+    loader_workers: int = 2
     checkpoint_every: int = 100
     seed: int = 0
     resume: bool = False
@@ -218,14 +227,40 @@ class TrainSpec(JobSpec):
         _nested(self)
         _check(self.preset in PRESETS, f"unknown preset {self.preset!r}; available presets: {sorted(PRESETS)}")
         _check(self.epochs is None or self.steps is None, "give epochs or steps, not both")
-        for name in ("workers", "batch_size", "checkpoint_every", "log_every"):
+        _check(self.workers >= 1, f"workers must be ≥ 1, not {self.workers}")
+        self._fill_recipe()
+        for name in ("batch_size", "checkpoint_every", "log_every"):
             _check(getattr(self, name) >= 1, f"{name} must be ≥ 1, not {getattr(self, name)}")
         for name in ("epochs", "steps", "val_every"):
             _check(getattr(self, name) is None or getattr(self, name) >= 1, f"{name} must be ≥ 1")
         _check(self.num_classes is None or self.num_classes >= 2, "num_classes counts the background: ≥ 2")
         _check(self.lr > 0 and self.warmup_steps >= 0 and self.max_failures >= 0, "lr > 0, warmup_steps ≥ 0")
+        _check(0 < self.warmup_factor <= 1, f"warmup_factor must be within (0, 1], not {self.warmup_factor}")
+        _check(self.loader_workers >= 0, f"loader_workers must be ≥ 0, not {self.loader_workers}")
         _check(self.schedule in ("cosine", "step"), f"schedule must be cosine or step, not {self.schedule!r}")
+        _check(all(0 < m < 1 for m in self.lr_milestones), "lr_milestones are fractions of the run, within (0, 1)")
         _normalise_uris(self, "data_uri", "model_out_uri", "val_uri")
+
+    def _fill_recipe(self) -> None:
+        """The preset's recipe for every recipe setting left unset."""
+        from .training.recipe import recipe_for
+
+        recipe = recipe_for(self.preset)
+        batch_size = self.batch_size or recipe.batch_size
+        defaults = {
+            "batch_size": recipe.batch_size,
+            "lr": recipe.lr,
+            "momentum": recipe.momentum,
+            "weight_decay": recipe.weight_decay,
+            "warmup_steps": recipe.warmup_steps(batch_size, self.workers),
+            "warmup_factor": recipe.warmup_factor,
+            "schedule": recipe.schedule,
+            "lr_milestones": recipe.milestones,
+        }
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        object.__setattr__(self, "lr_milestones", tuple(self.lr_milestones))
 
     @property
     def total_epochs(self) -> int | None:

@@ -11,11 +11,12 @@ import signal
 import threading
 import time
 
+import numpy as np
 import psutil
 import pytest
 import torch
 
-from detector import load_checkpoint
+from detector import PRESETS, load_checkpoint
 from pipeline import storage
 from pipeline.dataset import Dataset, ShardInfo, open_dataset
 from pipeline.inference import run_inference
@@ -33,6 +34,7 @@ from pipeline.training import (
     train,
 )
 from pipeline.training import stream as stream_module
+from pipeline.training.recipe import RECIPES, scaled_lr
 from tests.seaweed import SECRET_KEY
 
 
@@ -111,6 +113,74 @@ def test_resume_skips_batches_without_decoding_them(tmp_path, monkeypatch) -> No
         for (_, images, targets), (_, want_images, want_targets) in zip(rest, full[skip:]):
             assert all(torch.equal(a, b) for a, b in zip(images, want_images)), "the same flips"
             assert all(torch.equal(a["boxes"], b["boxes"]) for a, b in zip(targets, want_targets))
+
+
+def test_loader_workers_hand_out_the_run_in_order(tmp_path) -> None:
+    """Two loader processes give the same batches, in the same order, as the stream read in this
+    process: from the middle of one epoch across two epoch boundaries, ending inside an epoch."""
+    dataset = ingest_synthetic(str(tmp_path / "ds"), num_images=24, image_size=48, shard_size=8)
+    settings = stream_module.StreamSettings(batch_size=4, seed=1, hflip=True, storage_options=None, group_window=2)
+    run = stream_module.RunBatches(dataset, settings, rank=0, world=1, start=3, stop=14)  # 6 steps per epoch
+    in_process = list(run)
+    loaded = list(stream_module.batch_loader(run, workers=2, pin_memory=False))
+    assert [epoch for epoch, _ in loaded] == [epoch for epoch, _ in in_process] == [0] * 3 + [1] * 6 + [2] * 2
+    common = {"batch_size": 4, "seed": 1, "rank": 0, "hflip": True, "storage_options": None, "group_window": 2}
+    chunks = [epoch_chunk(dataset, 1, epoch, 0, 1) for epoch in range(3)]
+    expected = [
+        *stream_module.epoch_batches(dataset, chunks[0], epoch=0, skip=3, **common),
+        *stream_module.epoch_batches(dataset, chunks[1], epoch=1, **common),
+        *list(stream_module.epoch_batches(dataset, chunks[2], epoch=2, **common))[:2],
+    ]
+    for (_, (ids, images, targets)), (_, (ids_in, images_in, _)), (want_ids, want_images, want_targets) in zip(
+        loaded, in_process, expected
+    ):
+        assert ids == ids_in == want_ids
+        assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(images, images_in, want_images))
+        assert all(torch.equal(a["boxes"], b["boxes"]) for a, b in zip(targets, want_targets))
+        assert all(image.dtype == torch.uint8 for image in images)
+
+
+def test_batch_targets_read_the_columns_as_arrays() -> None:
+    """The vectorised targets equal the row-by-row reading, with empty, null and crowd rows."""
+    import pyarrow as pa
+
+    from pipeline.dataset import gt_targets
+
+    rows = pa.table(
+        {
+            "gt_boxes": [[[0, 0, 4, 4], [1, 1, 2, 2]], [], None, [[5, 5, 9, 9]]],
+            "gt_labels": [[1, 2], [], None, [3]],
+            "gt_iscrowd": [[False, True], [], None, None],
+        },
+        schema=pa.schema(
+            [
+                ("gt_boxes", pa.list_(pa.list_(pa.float32()))),
+                ("gt_labels", pa.list_(pa.int32())),
+                ("gt_iscrowd", pa.list_(pa.bool_())),
+            ]
+        ),
+    )
+    for got, want in zip(stream_module.batch_targets(rows.slice(0)), gt_targets(rows), strict=True):
+        assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(got, want))
+
+
+def test_recipes_fill_what_the_job_leaves_unset_and_scale_with_the_global_batch(tmp_path) -> None:
+    def spec(**settings) -> TrainSpec:
+        return TrainSpec(str(tmp_path / "d"), str(tmp_path / "m"), **settings)
+
+    tiny = spec(preset="tiny", workers=2)
+    assert (tiny.batch_size, tiny.lr, tiny.warmup_steps, tiny.schedule) == (8, 0.04, 50, "cosine")
+    assert spec(preset="tiny", workers=4).warmup_steps == 25, "the warm-up is the same number of images"
+    assert spec(preset="tiny", workers=1, batch_size=4).warmup_steps == 200
+    resnet = spec(preset="resnet50_fpn", workers=8)
+    assert (resnet.batch_size, resnet.lr, resnet.warmup_steps, resnet.warmup_factor) == (2, 0.02, 1000, 0.001)
+    assert resnet.schedule == "step" and resnet.lr_milestones == pytest.approx((16 / 26, 22 / 26))
+    assert scaled_lr(resnet.lr, resnet.batch_size, resnet.workers) == pytest.approx(0.02), "torchvision's 8 × 2"
+    mine = spec(preset="resnet50_fpn", lr=0.01, warmup_steps=7, schedule="cosine", momentum=0.8)
+    assert (mine.lr, mine.warmup_steps, mine.schedule, mine.momentum, mine.batch_size) == (0.01, 7, "cosine", 0.8, 2)
+    assert set(RECIPES) == set(PRESETS), "every preset has its recipe"
+    with pytest.raises(ValueError, match="lr_milestones"):
+        spec(lr_milestones=(0.5, 1.5))
 
 
 # ------------------------------------------------------------------------------ on Ray Train
