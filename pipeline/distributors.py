@@ -107,6 +107,15 @@ def start_distributor(spec: InferenceSpec, run_id: str, num_shards: int) -> Dist
     return RayActors.start(spec, run_id, num_shards)
 
 
+def prepare_distributor(spec: InferenceSpec) -> None:
+    """What must run on the caller's thread before :func:`start_distributor` may run on another:
+    the Ray connection (a local cluster's processes die with the thread that starts them)."""
+    if spec.executor == "ray":
+        from .cluster import connect
+
+        connect(spec.cluster)
+
+
 def torch_threads(spec: InferenceSpec, device: str) -> int | None:
     """Torch threads of a Ray actor: the job's ``threads_per_worker``, else one per CPU actor (it
     asks Ray for that many CPUs) and torch's default on a GPU."""

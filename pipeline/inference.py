@@ -9,6 +9,8 @@ distributor (``pipeline.distributors``: Ray actors on a cluster, or this process
   output is refused before anything under it changes, or deleted first with ``replace``), queue the
   shards outside the previous manifest's ledger that are not committed (``OutputStore.plan``: the
   cost follows the new shards, not the history), write the ``running`` manifest;
+- **start** (beside the plan, on a thread of its own): the distributor's workers, whose processes
+  start, import and load the model while the plan runs;
 - **submit**: keep every worker busy with up to two shards (one on the device, one being fetched
   or written);
 - **handle_result**: count a committed (or meanwhile committed: skipped) shard;
@@ -38,6 +40,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -45,7 +48,7 @@ from typing import Any
 from . import storage
 from .dataset import Dataset, ShardInfo, class_mismatch, open_dataset
 from .decode import DEFAULT_MAX_PIXELS
-from .distributors import Completion, Distributor, ShardFailure, start_distributor
+from .distributors import Completion, Distributor, ShardFailure, prepare_distributor, start_distributor
 from .jobs import InferenceSpec
 from .lease import Lease, lease_uri
 from .outputs import Ledger, OutputIdentity, OutputStore
@@ -163,16 +166,36 @@ class InferenceRun:
         )
         with lease:
             self.lease = lease
-            self.plan()
+            starting = self.start_workers()
             try:
-                if self.queue:
-                    with start_distributor(self.spec, self.run_id, len(self.queue)) as distributor:
-                        self.distributor = distributor
+                self.plan()
+            except BaseException:
+                starting.add_done_callback(lambda done: done.exception() or done.result().close())
+                raise
+            try:
+                with starting.result() as distributor:
+                    self.distributor = distributor
+                    if self.queue:
                         self.schedule()
             except BaseException as exc:
                 self.abandon(exc)
                 raise
             return self.finish()
+
+    def start_workers(self) -> Future[Distributor]:
+        """The distributor, started on a thread of its own: its worker processes start, import and
+        load the model while the plan runs (at most one worker per shard of the dataset)."""
+
+        def start() -> Distributor:
+            shards = len(open_dataset(self.spec.data_uri, self.spec.storage).shards)
+            return start_distributor(self.spec, self.run_id, shards)
+
+        prepare_distributor(self.spec)
+        starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="start-workers")
+        try:
+            return starter.submit(start)
+        finally:
+            starter.shutdown(wait=False)
 
     # ------------------------------------------------------------------------------- steps
 

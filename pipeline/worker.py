@@ -9,7 +9,9 @@ ratio, ``torch.inference_mode``, AMP when the job asks for it, channels_last), *
 
 :meth:`ShardWorker.process` runs the three stages of one shard in the calling thread and is
 thread-safe: the model is guarded by a lock, so a distributor that calls it from two threads
-overlaps one shard's fetch and write with another's detection.
+overlaps one shard's fetch and write with another's detection. The model is built on a thread of
+its own from the constructor on (the checkpoint is read, and a missing one refused, in the
+constructor): the first shards are read and decoded while it loads.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import socket
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -108,12 +111,25 @@ class ShardWorker:
 
         checkpoint = storage.read_bytes(spec.model_uri, spec.storage)
         self.model_id = model_id_of(checkpoint)
-        overrides = {} if spec.score_threshold is None else {"box_score_thresh": float(spec.score_threshold)}
-        model = load_checkpoint(io.BytesIO(checkpoint), **overrides).eval().to(self.device)
-        self.model = model.to(memory_format=torch.channels_last)
-        self.class_names = self.model.class_names or [str(i) for i in range(self.model.num_classes)]
         self.store = OutputStore(spec.out_uri, spec.storage)
         self._model_lock = threading.Lock()
+        loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load")
+        self._model = loader.submit(self._load_model, checkpoint)  # built while the first shards are fetched
+        loader.shutdown(wait=False)
+
+    def _load_model(self, checkpoint: bytes) -> torch.nn.Module:
+        overrides = {} if self.spec.score_threshold is None else {"box_score_thresh": float(self.spec.score_threshold)}
+        model = load_checkpoint(io.BytesIO(checkpoint), **overrides).eval().to(self.device)
+        return model.to(memory_format=torch.channels_last)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The model, once built (waits for it; raises what building it raised)."""
+        return self._model.result()
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.model.class_names or [str(i) for i in range(self.model.num_classes)]
 
     def process(self, shard: ShardInfo) -> ShardResult:
         """One shard, start to commit, in the calling thread; a committed shard is skipped, never
@@ -176,7 +192,7 @@ class ShardWorker:
     ) -> tuple[pa.Table, pa.Table]:
         """One ``images`` row per decoded item (ok or error), one ``detections`` row per box;
         ``outputs[i]``: the detections of ``fetched.decoded[i]`` (None for an error)."""
-        shard = fetched.shard.name
+        shard, names = fetched.shard.name, self.class_names
         image_rows: list[dict[str, Any]] = []
         columns: dict[str, list] = {name: [] for name in DETECTIONS_SCHEMA.names}
         for item, out in zip(fetched.decoded, outputs):
@@ -191,7 +207,7 @@ class ShardWorker:
             columns["image_id"] += [item.image_id] * count
             columns["shard"] += [shard] * count
             columns["label"] += labels
-            columns["label_name"] += [self._label_name(label) for label in labels]
+            columns["label_name"] += [names[label] if 0 <= label < len(names) else None for label in labels]
             columns["score"] += out["scores"].tolist()
             for column, values in zip(("x1", "y1", "x2", "y2"), out["boxes"].numpy().T):
                 columns[column] += values.tolist()
@@ -199,9 +215,6 @@ class ShardWorker:
             columns["model_id"] += [self.model_id] * count
         images = pa.Table.from_pylist(image_rows, schema=IMAGES_SCHEMA)
         return images, pa.Table.from_pydict(columns, schema=DETECTIONS_SCHEMA)
-
-    def _label_name(self, label: int) -> str | None:
-        return self.class_names[label] if 0 <= label < len(self.class_names) else None
 
     def _image_row(
         self,
