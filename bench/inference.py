@@ -13,6 +13,9 @@ server), every configuration measured in each repeat (interleaved) in one run:
 - scaling: 1 vs 2 CPU actors at 1 torch thread each;
 - memory: peak and current RSS of one actor after each of 24 shards.
 
+``--efficiency``: only the default layout (2 actors × 1 thread) against the model alone on the same
+compute, whole run and steady state (a shorter run for that one figure).
+
 ``--gpu``: the in-process executor (one shard worker, two threads, no Ray) on CUDA, COCO photos,
 resnet50_fpn at 800 px, fp32 vs bf16: throughput, efficiency, and how well bf16 keeps fp32's
 confident detections.
@@ -520,6 +523,51 @@ def gpu_bench(args: argparse.Namespace, work: Path) -> dict:
     return result
 
 
+def efficiency_bench(args: argparse.Namespace, work: Path) -> dict:
+    """``--efficiency``: the default layout alone (2 actors × 1 thread, end to end, whole run and
+    steady state) against the model alone on the same compute (2 single-threaded processes),
+    interleaved ``--repeats`` times; the same photos, shards, model and S3 server as the full run."""
+    import ray
+
+    from tests.seaweed import SeaweedS3
+
+    with SeaweedS3(work / "seaweed") as server:
+        server.apply_env()
+        bucket = server.new_bucket("bench")
+        _upload_images(bucket + "/photos", 48 if args.quick else None, 1 if args.quick else args.copies)
+        dataset = ingest_images(bucket + "/photos", bucket + "/coco", shard_size=32)
+        save_checkpoint(realistic_model("mobilenet_v3_large_320_fpn"), work / "model.pt")
+        model_uri = bucket + "/model.pt"
+        storage.write_bytes(model_uri, (work / "model.pt").read_bytes())
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        runs: dict[str, list[float]] = {"model_only": [], "whole_run": [], "steady_state": []}
+        for repeat in range(1 if args.quick else args.repeats):
+            runs["model_only"].append(model_only_processes(str(work / "model.pt"), dataset.uri, 2, args.batch_size))
+            out_uri = f"{bucket}/out-{repeat}"
+            whole, steady = end_to_end(dataset.uri, out_uri, model_uri, 2, 1, args.batch_size)
+            runs["whole_run"].append(whole)
+            runs["steady_state"].append(steady)
+            print({k: round(v[-1], 2) for k, v in runs.items()}, flush=True)
+        ray.shutdown()
+    med = {k: median(v) for k, v in runs.items()}
+    return {
+        "setting": {
+            "preset": "mobilenet_v3_large_320_fpn",
+            "images": dataset.num_images,
+            "shards": len(dataset.shards),
+            "batch_size": args.batch_size,
+            "layout": "e2e_2actors_1thread versus model_only_2processes_1thread",
+            "repeats": len(runs["model_only"]),
+        },
+        "images_per_s": med,
+        "pipeline_efficiency": {
+            "whole_run": med["whole_run"] / med["model_only"],
+            "steady_state": med["steady_state"] / med["model_only"],
+        },
+        "runs": runs,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -527,13 +575,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--copies", type=int, default=4, help="times each COCO photo is stored (CPU bench)")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of every configuration")
+    parser.add_argument("--efficiency", action="store_true", help="only the default layout's pipeline efficiency")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="detectflow-bench-infer-"))
+    bench, name = (gpu_bench, "inference_gpu") if args.gpu else (cpu_bench, "inference")
+    if args.efficiency:
+        bench, name = efficiency_bench, "inference_efficiency"
     try:
-        result = gpu_bench(args, work) if args.gpu else cpu_bench(args, work)
+        result = bench(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    name = "inference_gpu" if args.gpu else "inference"
     write_result(
         name + ("_quick" if args.quick else ""),
         {k: (v if not isinstance(v, np.generic) else float(v)) for k, v in result.items()},

@@ -59,17 +59,18 @@ class Trainer:
         self.step += 1
         return len(images) / record["images_per_s"]
 
-    def streamed(self, steps: int, loader_workers: int) -> tuple[list[float], list[float]]:
-        """(seconds per step with the wait for input, of the step alone) over ``steps`` steps."""
+    def streamed(self, steps: int, loader_workers: int) -> tuple[list[float], list[float], list[float]]:
+        """Seconds per step with the wait for input, of the step alone, and of the wait, over
+        ``steps`` steps."""
         run = RunBatches(self.dataset, self.settings, rank=0, world=1, start=self.step, stop=self.step + steps)
-        whole, alone = [], []
+        whole, alone, waits = [], [], []
         waiting = time.perf_counter()
         for _epoch, (_ids, images, targets) in batch_loader(run, workers=loader_workers, pin_memory=False):
-            waited = time.perf_counter() - waiting
+            waits.append(time.perf_counter() - waiting)
             alone.append(self.run_step(images, targets))
-            whole.append(waited + alone[-1])
+            whole.append(waits[-1] + alone[-1])
             waiting = time.perf_counter()
-        return whole, alone
+        return whole, alone, waits
 
 
 def main() -> None:
@@ -92,6 +93,7 @@ def main() -> None:
         pre_decoded = [batch for _, batch in decoded]
         seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
         step_alone: dict[str, list[float]] = {mode: [] for mode in MODES}
+        input_wait: dict[str, list[float]] = {mode: [] for mode in MODES[:2]}
         for _ in range(args.rounds):
             for mode in MODES:
                 if mode == "pre_decoded":
@@ -101,16 +103,18 @@ def main() -> None:
                     seconds[mode] += step_alone[mode][-args.block :]
                     continue
                 workers = args.loader_workers if mode == "end_to_end" else 0
-                whole, alone = trainer.streamed(args.block, workers)
+                whole, alone, waits = trainer.streamed(args.block, workers)
                 seconds[mode] += whole
                 step_alone[mode] += alone
+                input_wait[mode] += waits
             print({mode: round(statistics.mean(values), 4) for mode, values in seconds.items()}, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    write_result("train_input_quick" if args.quick else "train_input", _result(args, seconds, step_alone))
+    result = _result(args, seconds, step_alone, input_wait)
+    write_result("train_input_quick" if args.quick else "train_input", result)
 
 
-def _result(args: argparse.Namespace, seconds: dict, step_alone: dict) -> dict:
+def _result(args: argparse.Namespace, seconds: dict, step_alone: dict, input_wait: dict) -> dict:
     mean = {mode: statistics.mean(values) for mode, values in seconds.items()}
     images_per_s = {mode: 8 / value for mode, value in mean.items()}
     return {
@@ -130,6 +134,9 @@ def _result(args: argparse.Namespace, seconds: dict, step_alone: dict) -> dict:
         "step_alone_images_per_s": {mode: 8 / statistics.mean(values) for mode, values in step_alone.items()},
         "end_to_end_vs_pre_decoded": mean["end_to_end"] / mean["pre_decoded"],
         "in_process_vs_pre_decoded": mean["in_process"] / mean["pre_decoded"],
+        # robust to other load on the machine: the share of a step spent waiting for its batch
+        "input_wait_s": {mode: statistics.mean(values) for mode, values in input_wait.items()},
+        "input_wait_fraction": {mode: sum(input_wait[mode]) / sum(seconds[mode]) for mode in input_wait},
         "target": "end_to_end_vs_pre_decoded ≤ 1.10",
         "seconds_per_step_runs": seconds,
     }
