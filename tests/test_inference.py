@@ -344,3 +344,36 @@ def test_scheduler_retries_replaces_and_gives_up(tmp_path, monkeypatch) -> None:
         "shard-00002": "failed",
         "shard-00003": "failed",
     }
+
+
+def test_workers_start_while_the_plan_runs(tmp_path, monkeypatch) -> None:
+    """The distributor is started beside the plan, not after it (its workers' start-up overlaps the
+    plan); a plan that fails stops the workers started meanwhile."""
+    dataset = ingest_synthetic(f"file://{tmp_path}/data", num_images=4, image_size=32, shard_size=2)
+    (tmp_path / "model.pt").write_bytes(b"the scheduler only hashes the model")
+    started, closed = threading.Event(), threading.Event()
+
+    class Closing(ScriptedDistributor):
+        def close(self) -> None:
+            closed.set()
+
+    def start(spec, run_id, num_shards):
+        started.set()
+        return Closing({"shard-00000": ["ok"], "shard-00001": ["ok"]})
+
+    real_plan = inference.InferenceRun.plan
+
+    def plan(self) -> None:
+        assert started.wait(30), "the workers are started before the plan ends"
+        real_plan(self)
+
+    monkeypatch.setattr(inference, "start_distributor", start)
+    monkeypatch.setattr(inference.InferenceRun, "plan", plan)
+    spec = InferenceSpec(dataset.uri, f"file://{tmp_path}/out", str(tmp_path / "model.pt"), executor="local")
+    assert run_inference(spec).shards_done == 2 and closed.is_set()
+
+    closed.clear()
+    missing = InferenceSpec(dataset.uri, f"file://{tmp_path}/out2", str(tmp_path / "missing.pt"), executor="local")
+    with pytest.raises(storage.StorageError, match="missing.pt"):
+        run_inference(missing)
+    assert closed.wait(30), "the workers started for a refused run are stopped"
