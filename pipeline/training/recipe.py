@@ -68,8 +68,8 @@ RECIPES = {
         lr=0.04,
         warmup_images=800,  # 50 steps of 2 × 8 images
         warmup_factor=0.1,
-        schedule="cosine",
-        milestones=DETECTRON2_STEPS,
+        schedule="step",
+        milestones=(0.85, 0.95),  # the rate held: a cosine decay over 10 short epochs learnt too little
         momentum=0.9,
         weight_decay=1e-4,
         epochs=10,
@@ -109,9 +109,13 @@ def describe_recipe(spec: Any) -> str:
         decay = "cosine decay to 0.02×"
     else:
         decay = "×0.1 at " + " and ".join(f"{m:.0%}" for m in spec.lr_milestones) + " of the run"
+    warmup = "no warm-up"
+    if spec.warmup_steps:
+        warmup = f"warm-up {spec.warmup_steps} steps from {spec.warmup_factor:g}× (at most one epoch)"
+    images = "image" if spec.batch_size == 1 else "images"
     return (
-        f"{spec.workers} workers × {spec.batch_size} images per step, lr {spec.lr:g} per 16 images "
+        f"{spec.workers} workers × {spec.batch_size} {images} per step, lr {spec.lr:g} per 16 images "
         f"(→ {scaled_lr(spec.lr, spec.batch_size, spec.workers):g}), momentum {spec.momentum:g}, "
-        f"weight decay {spec.weight_decay:g}, warm-up {spec.warmup_steps} steps from {spec.warmup_factor:g}× "
-        f"(at most one epoch), {decay}; preset {spec.preset}'s recipe: {recipe_for(spec.preset).source}"
+        f"weight decay {spec.weight_decay:g}, {warmup}, {decay}; "
+        f"preset {spec.preset}'s recipe: {recipe_for(spec.preset).source}"
     )
