@@ -129,6 +129,7 @@ def test_ctrl_c_stops_training_and_resume_continues_it(setup) -> None:
     assert not (out / "model.pt").exists()
     resumed = subprocess.run([DETECTFLOW, *args, "--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert resumed.stdout.startswith("steps       16 ")
+    recipe, steps = resumed.stdout.splitlines()[:2]
+    assert recipe.startswith("recipe      1 worker × 2 images per step") and steps.startswith("steps       16 ")
     weights = load_checkpoint(out / "model.pt").state_dict()
     assert all(torch.isfinite(value).all() for value in weights.values() if value.is_floating_point())

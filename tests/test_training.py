@@ -169,7 +169,7 @@ def test_recipes_fill_what_the_job_leaves_unset_and_scale_with_the_global_batch(
         return TrainSpec(str(tmp_path / "d"), str(tmp_path / "m"), **settings)
 
     tiny = spec(preset="tiny", workers=2)
-    assert (tiny.batch_size, tiny.lr, tiny.warmup_steps, tiny.schedule) == (8, 0.04, 50, "cosine")
+    assert (tiny.batch_size, tiny.lr, tiny.warmup_steps, tiny.schedule) == (8, 0.04, 50, "step")
     assert spec(preset="tiny", workers=4).warmup_steps == 25, "the warm-up is the same number of images"
     assert spec(preset="tiny", workers=1, batch_size=4).warmup_steps == 200
     resnet = spec(preset="resnet50_fpn", workers=8)

@@ -7,7 +7,8 @@ changing the number of workers or the batch size keeps the recipe: the same lear
 image and the same warm-up in images (in steps: images ÷ global batch, at most one epoch —
 torchvision's rule). Sources:
 
-- ``tiny``: tuned on generated shapes here (``bench/training.py``, ``bench/train_defaults.py``);
+- ``tiny``: tuned on generated shapes here (``bench/training.py``, ``bench/train_defaults.py``: over
+  ten short epochs the rate is held and dropped late; a cosine decay learnt less);
 - ``resnet50_fpn`` and the MobileNet presets: torchvision's ``references/detection`` (8 GPUs × 2
   images, lr 0.02, momentum 0.9, weight decay 1e-4, linear warm-up over 1000 iterations from
   0.001, 26 epochs with ×0.1 at epochs 16 and 22); Detectron2's 1x schedule is the same learning
@@ -113,8 +114,9 @@ def describe_recipe(spec: Any) -> str:
     if spec.warmup_steps:
         warmup = f"warm-up {spec.warmup_steps} steps from {spec.warmup_factor:g}× (at most one epoch)"
     images = "image" if spec.batch_size == 1 else "images"
+    workers = "worker" if spec.workers == 1 else "workers"
     return (
-        f"{spec.workers} workers × {spec.batch_size} {images} per step, lr {spec.lr:g} per 16 images "
+        f"{spec.workers} {workers} × {spec.batch_size} {images} per step, lr {spec.lr:g} per 16 images "
         f"(→ {scaled_lr(spec.lr, spec.batch_size, spec.workers):g}), momentum {spec.momentum:g}, "
         f"weight decay {spec.weight_decay:g}, {warmup}, {decay}; "
         f"preset {spec.preset}'s recipe: {recipe_for(spec.preset).source}"
