@@ -350,7 +350,7 @@ def test_workers_start_while_the_plan_runs(tmp_path, monkeypatch) -> None:
     """The distributor is started beside the plan, not after it (its workers' start-up overlaps the
     plan); a plan that fails stops the workers started meanwhile."""
     dataset = ingest_synthetic(f"file://{tmp_path}/data", num_images=4, image_size=32, shard_size=2)
-    (tmp_path / "model.pt").write_bytes(b"the scheduler only hashes the model")
+    save_checkpoint(build_detector("tiny", len(CATEGORIES) + 1), tmp_path / "model.pt")  # the plan reads its classes
     started, closed = threading.Event(), threading.Event()
 
     class Closing(ScriptedDistributor):
