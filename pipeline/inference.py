@@ -119,7 +119,10 @@ def warn_on_class_mismatch(checkpoint: bytes, dataset: Dataset) -> None:
         return
     from detector.checkpoint import checkpoint_class_names
 
-    names = checkpoint_class_names(checkpoint)
+    try:
+        names = checkpoint_class_names(checkpoint)
+    except ValueError:  # not a checkpoint: the workers say so, naming the model
+        return
     warning = class_mismatch(dict(enumerate(names)), dataset) if names else None
     if warning:
         log.warning(warning)
