@@ -122,7 +122,9 @@ def test_loader_workers_hand_out_the_run_in_order(tmp_path) -> None:
     settings = stream_module.StreamSettings(batch_size=4, seed=1, hflip=True, storage_options=None, group_window=2)
     run = stream_module.RunBatches(dataset, settings, rank=0, world=1, start=3, stop=14)  # 6 steps per epoch
     in_process = list(run)
-    loaded = list(stream_module.batch_loader(run, workers=2, pin_memory=False))
+    # spawned: forking this long-lived test process (Ray driver, client threads) once crashed a
+    # loader process in the full suite; Ray Train's workers fork theirs from a fresh worker process
+    loaded = list(stream_module.batch_loader(run, workers=2, pin_memory=False, start_method="spawn"))
     assert [epoch for epoch, _ in loaded] == [epoch for epoch, _ in in_process] == [0] * 3 + [1] * 6 + [2] * 2
     common = {"batch_size": 4, "seed": 1, "rank": 0, "hflip": True, "storage_options": None, "group_window": 2}
     chunks = [epoch_chunk(dataset, 1, epoch, 0, 1) for epoch in range(3)]

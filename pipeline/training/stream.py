@@ -257,11 +257,19 @@ class RunBatches(torch.utils.data.IterableDataset):
             step = (epoch + 1) * self.per_epoch
 
 
-def batch_loader(batches: RunBatches, *, workers: int, pin_memory: bool) -> Iterable[tuple[int, Batch]]:
+def batch_loader(
+    batches: RunBatches, *, workers: int, pin_memory: bool, start_method: str | None = None
+) -> Iterable[tuple[int, Batch]]:
     """``batches`` prepared ahead by ``workers`` processes (pinned memory for a CUDA step), or in
-    this process, one at a time, when ``workers`` is 0."""
+    this process, one at a time, when ``workers`` is 0. ``start_method``: how the processes start
+    (multiprocessing's; default fork, on Linux)."""
     if workers == 0:
         return batches
     return torch.utils.data.DataLoader(
-        batches, batch_size=None, num_workers=workers, pin_memory=pin_memory, prefetch_factor=PREFETCH
+        batches,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=PREFETCH,
+        multiprocessing_context=start_method,
     )
