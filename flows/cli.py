@@ -179,6 +179,13 @@ def _fail(line: str) -> NoReturn:
     raise typer.Exit(1) from None
 
 
+def _ingest(storage_option: list[str] | None, **fields: Any) -> None:
+    """The ingest commands: build the spec (one line on a bad value), run the flow, print the summary."""
+    options = _storage(storage_option)
+    spec = _run(lambda: IngestSpec(storage=options, **fields))
+    _print_dataset_summary(_run(lambda: _flows().ingest_flow(spec)))
+
+
 def _print_dataset_summary(result: dict[str, Any]) -> None:
     typer.echo(f"dataset     {result['uri']}")
     typer.echo(f"images      {result['images']} in {result['shards']} shards ({result['seconds']:.1f} s)")
@@ -209,20 +216,15 @@ def ingest_coco_command(
     storage_option: StorageOption = None,
 ) -> None:
     """Ingest a COCO-format dataset (instances JSON + images) with its boxes and categories."""
-    options = _storage(storage_option)
-    spec = _run(
-        lambda: IngestSpec(
-            out_uri,
-            source="coco",
-            images_uri=images,
-            annotations_uri=annotations,
-            shard_size=shard_size,
-            lease_wait_s=wait_for_lease,
-            storage=options,
-        )
+    _ingest(
+        storage_option,
+        out_uri=out_uri,
+        source="coco",
+        images_uri=images,
+        annotations_uri=annotations,
+        shard_size=shard_size,
+        lease_wait_s=wait_for_lease,
     )
-    result = _run(lambda: _flows().ingest_flow(spec))
-    _print_dataset_summary(result)
 
 
 @ingest_app.command("images")
@@ -238,21 +240,16 @@ def ingest_images_command(
     storage_option: StorageOption = None,
 ) -> None:
     """Ingest every image file under a prefix (jpg, png, webp, bmp, gif, tiff; any case), unlabelled."""
-    options = _storage(storage_option)
-    spec = _run(
-        lambda: IngestSpec(
-            out_uri,
-            source="images",
-            images_uri=prefix_uri,
-            shard_size=shard_size,
-            only_new=only_new,
-            listing=listing,
-            lease_wait_s=wait_for_lease,
-            storage=options,
-        )
+    _ingest(
+        storage_option,
+        out_uri=out_uri,
+        source="images",
+        images_uri=prefix_uri,
+        shard_size=shard_size,
+        only_new=only_new,
+        listing=listing,
+        lease_wait_s=wait_for_lease,
     )
-    result = _run(lambda: _flows().ingest_flow(spec))
-    _print_dataset_summary(result)
 
 
 @app.command("synth")
@@ -266,21 +263,16 @@ def synth_command(
     storage_option: StorageOption = None,
 ) -> None:
     """Generate a synthetic dataset of simple shapes with exact boxes (deterministic by seed)."""
-    options = _storage(storage_option)
-    spec = _run(
-        lambda: IngestSpec(
-            out_uri,
-            source="synthetic",
-            num_images=images,
-            seed=seed,
-            image_size=image_size,
-            shard_size=shard_size,
-            lease_wait_s=wait_for_lease,
-            storage=options,
-        )
+    _ingest(
+        storage_option,
+        out_uri=out_uri,
+        source="synthetic",
+        num_images=images,
+        seed=seed,
+        image_size=image_size,
+        shard_size=shard_size,
+        lease_wait_s=wait_for_lease,
     )
-    result = _run(lambda: _flows().ingest_flow(spec))
-    _print_dataset_summary(result)
 
 
 @app.command("query")

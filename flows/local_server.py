@@ -170,14 +170,10 @@ def _register(paths: ServerPaths) -> None:
     paths.last_used.touch()
 
 
-def _locked_file(paths: ServerPaths) -> Path:
-    return paths.root / "lock"
-
-
 @contextlib.contextmanager
 def _locked(paths: ServerPaths) -> Iterator[None]:
     paths.root.mkdir(parents=True, exist_ok=True)
-    with open(_locked_file(paths), "a") as handle:
+    with open(paths.root / "lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
