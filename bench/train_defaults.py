@@ -34,12 +34,22 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--target", type=float, default=0.85)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a recipe setting of TrainSpec to try instead of the default (lr=0.06, hflip=false, "
+        "lr_milestones=0.9/0.97, ...); the result goes to train_defaults-<settings>.json",
+    )
     args = parser.parse_args()
+    overrides = dict(_setting(item) for item in args.set)
     work = Path(tempfile.mkdtemp(prefix="detectflow-bench-defaults-"))
     try:
         data = ingest_synthetic(f"file://{work}/train", num_images=args.images, seed=0, image_size=128)
         val = ingest_synthetic(f"file://{work}/val", num_images=200, seed=1, image_size=128, shard_size=100)
-        per_epoch = steps_per_epoch(data, args.workers, TrainSpec(data.uri, "x", workers=args.workers).batch_size)
+        probe = TrainSpec(data.uri, "x", preset="tiny", workers=args.workers, **overrides)
+        per_epoch = steps_per_epoch(data, args.workers, probe.batch_size)
         spec = TrainSpec(
             data.uri,
             f"file://{work}/model",
@@ -48,6 +58,7 @@ def main() -> None:
             epochs=args.epochs,
             val_uri=val.uri,
             val_every=2 * per_epoch,
+            **overrides,
         )
         print(f"recipe: {describe_recipe(spec)}", flush=True)
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
@@ -83,7 +94,25 @@ def main() -> None:
         "images_per_s_per_worker_end_to_end": summary.end_to_end_images_per_s_per_worker,
         "evaluations": evaluations,
     }
-    write_result("train_defaults", result)
+    if overrides:
+        result["setting"]["tried"] = args.set
+    name = "train_defaults" + "".join(f"-{item.replace('/', '_')}" for item in args.set)
+    write_result(name, result)
+
+
+def _setting(item: str) -> tuple[str, object]:
+    """``name=value`` as a TrainSpec keyword: numbers, true/false, ``a/b`` tuples of numbers."""
+    name, _, text = item.partition("=")
+    if text in ("true", "false"):
+        return name, text == "true"
+    if "/" in text or name == "lr_milestones":
+        return name, tuple(float(part) for part in text.split("/") if part)
+    for kind in (int, float):
+        try:
+            return name, kind(text)
+        except ValueError:
+            pass
+    return name, text
 
 
 if __name__ == "__main__":

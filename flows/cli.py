@@ -501,6 +501,7 @@ def train_command(
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", min=1, help="Images per worker per step (default: the recipe's).")
     ] = None,
+    optimizer: Annotated[str | None, typer.Option("--optimizer", help="sgd or adamw (default: the recipe's).")] = None,
     lr: Annotated[
         float | None, typer.Option("--lr", min=0.0, help="Learning rate per 16 images, scaled (default: the recipe's).")
     ] = None,
@@ -534,6 +535,7 @@ def train_command(
             epochs=epochs,
             steps=steps,
             batch_size=batch_size,
+            optimizer=optimizer,
             lr=lr,
             warmup_steps=warmup_steps,
             schedule=schedule,
@@ -554,7 +556,11 @@ def train_command(
         return {"training": pipelines.train_flow(spec), "metrics": None}
 
     result = _run(run, resume="add --resume to continue from the last checkpoint")
-    summary, metrics = result["training"], result["metrics"]
+    _echo_training(result["training"], result["metrics"])
+
+
+def _echo_training(summary: dict[str, Any], metrics: dict[str, Any] | None) -> None:
+    """What a training run did: steps, speed, loss, where its model and metrics are, its nodes."""
     typer.echo(
         f"steps       {summary['steps']} ({summary['epochs_seen']:.2f} epochs) in {summary['seconds']:.0f} s, "
         f"{summary['end_to_end_images_per_s_per_worker']:.1f} images/s per worker "

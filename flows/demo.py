@@ -66,7 +66,7 @@ def _run_jobs(args: argparse.Namespace, root: str, options: Any) -> dict[str, An
     ingest_flow(IngestSpec(val, num_images=args.val_images, seed=1, shard_size=50, **synthetic))
 
     _say(f"2/5  train: tiny Faster R-CNN, {args.workers} Ray Train workers (DDP), {args.steps} steps")
-    # The tiny preset's recipe (8 images per worker, lr 0.04 per 16 images, warm-up, cosine decay)
+    # The tiny preset's recipe: AdamW, 8 images per worker, lr 0.001 per 16 images, warm-up, step decay
     spec = TrainSpec(data, model_dir, preset="tiny", workers=args.workers, steps=args.steps, storage=options)
     trained = train_flow(spec)
 

@@ -180,10 +180,11 @@ class InferenceSpec(JobSpec):
 @dataclass(frozen=True)
 class TrainSpec(JobSpec):
     """Training of ``preset`` on the labelled dataset ``data_uri``; everything lands under
-    ``model_out_uri``. The recipe settings left as None (``batch_size``, ``lr``, ``warmup_steps``,
-    ``warmup_factor``, ``schedule``, ``lr_milestones``, ``momentum``, ``weight_decay``) take the
-    preset's recipe (``pipeline.training.recipe``) when the spec is built. ``lr`` is per 16 images,
-    scaled with the global batch (``workers`` × ``batch_size``); the recipe's warm-up is given in
+    ``model_out_uri``. The recipe settings left as None (``optimizer``, ``batch_size``, ``lr``,
+    ``warmup_steps``, ``warmup_factor``, ``schedule``, ``lr_milestones``, ``momentum`` — AdamW's β1 —
+    and ``weight_decay``) take the preset's recipe (``pipeline.training.recipe``) when the spec is
+    built. ``lr`` is per 16 images, scaled with the global batch (``workers`` × ``batch_size``:
+    linearly for SGD, with its square root for AdamW); the recipe's warm-up is given in
     images, so its steps follow the global batch too. ``lr_milestones``: fractions of the run at
     which the step schedule multiplies the learning rate by 0.1. ``loader_workers``: processes per
     training worker that read and decode batches ahead of the step (0: in the step's process).
@@ -198,6 +199,7 @@ class TrainSpec(JobSpec):
     epochs: int | None = None
     steps: int | None = None
     batch_size: int | None = None
+    optimizer: Literal["sgd", "adamw"] | None = None
     lr: float | None = None
     momentum: float | None = None
     weight_decay: float | None = None
@@ -237,6 +239,7 @@ class TrainSpec(JobSpec):
         _check(self.lr > 0 and self.warmup_steps >= 0 and self.max_failures >= 0, "lr > 0, warmup_steps ≥ 0")
         _check(0 < self.warmup_factor <= 1, f"warmup_factor must be within (0, 1], not {self.warmup_factor}")
         _check(self.loader_workers >= 0, f"loader_workers must be ≥ 0, not {self.loader_workers}")
+        _check(self.optimizer in ("sgd", "adamw"), f"optimizer must be sgd or adamw, not {self.optimizer!r}")
         _check(self.schedule in ("cosine", "step"), f"schedule must be cosine or step, not {self.schedule!r}")
         _check(all(0 < m < 1 for m in self.lr_milestones), "lr_milestones are fractions of the run, within (0, 1)")
         _normalise_uris(self, "data_uri", "model_out_uri", "val_uri")
@@ -249,6 +252,7 @@ class TrainSpec(JobSpec):
         batch_size = self.batch_size or recipe.batch_size
         defaults = {
             "batch_size": recipe.batch_size,
+            "optimizer": recipe.optimizer,
             "lr": recipe.lr,
             "momentum": recipe.momentum,
             "weight_decay": recipe.weight_decay,

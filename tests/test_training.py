@@ -171,11 +171,15 @@ def test_recipes_fill_what_the_job_leaves_unset_and_scale_with_the_global_batch(
         return TrainSpec(str(tmp_path / "d"), str(tmp_path / "m"), **settings)
 
     tiny = spec(preset="tiny", workers=2)
-    assert (tiny.batch_size, tiny.lr, tiny.warmup_steps, tiny.schedule) == (8, 0.04, 50, "step")
+    recipe = (tiny.optimizer, tiny.batch_size, tiny.lr, tiny.warmup_steps, tiny.schedule)
+    assert recipe == ("adamw", 8, 0.001, 50, "step")
+    assert scaled_lr(tiny.lr, 8, 8, "adamw") == pytest.approx(0.002), "AdamW: the square root of 4× the batch"
+    assert scaled_lr(0.04, 8, 8, "sgd") == pytest.approx(0.16), "SGD: linear"
     assert spec(preset="tiny", workers=4).warmup_steps == 25, "the warm-up is the same number of images"
     assert spec(preset="tiny", workers=1, batch_size=4).warmup_steps == 200
     resnet = spec(preset="resnet50_fpn", workers=8)
     assert (resnet.batch_size, resnet.lr, resnet.warmup_steps, resnet.warmup_factor) == (2, 0.02, 1000, 0.001)
+    assert resnet.optimizer == "sgd"
     assert resnet.schedule == "step" and resnet.lr_milestones == pytest.approx((16 / 26, 22 / 26))
     assert scaled_lr(resnet.lr, resnet.batch_size, resnet.workers) == pytest.approx(0.02), "torchvision's 8 × 2"
     mine = spec(preset="resnet50_fpn", lr=0.01, warmup_steps=7, schedule="cosine", momentum=0.8)
@@ -183,6 +187,8 @@ def test_recipes_fill_what_the_job_leaves_unset_and_scale_with_the_global_batch(
     assert set(RECIPES) == set(PRESETS), "every preset has its recipe"
     with pytest.raises(ValueError, match="lr_milestones"):
         spec(lr_milestones=(0.5, 1.5))
+    with pytest.raises(ValueError, match="optimizer must be sgd or adamw, not 'adam'"):
+        spec(optimizer="adam")
 
 
 # ------------------------------------------------------------------------------ on Ray Train
@@ -287,6 +293,8 @@ def test_bad_input_fails_before_any_worker(data, tmp_path) -> None:
         train(_spec(data, "s3://no-such-bucket-train/model"))
     with pytest.raises(ValueError, match="is of preset 'tiny' with 4 classes, not 'tiny' with 9"):
         train(_spec(data, data["bucket"] + "/run", num_classes=9, resume=True))
+    with pytest.raises(ValueError, match="was trained with adamw, not sgd: resume with --optimizer adamw"):
+        train(_spec(data, data["bucket"] + "/run", optimizer="sgd", resume=True))
     in_memory = ingest_synthetic("memory://detectflow-train-test/data", num_images=4, image_size=32, shard_size=4)
     try:
         with pytest.raises(ValueError, match="is an in-memory location"):

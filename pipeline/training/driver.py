@@ -72,6 +72,12 @@ def preflight(spec: TrainSpec) -> tuple[Dataset, int]:
             f"the checkpoint in {where} is of preset {preset!r} with {recorded} classes, "
             f"not {spec.preset!r} with {classes}"
         )
+    optimizer = existing["config"].get("optimizer") or "sgd"  # checkpoints from before the choice: SGD
+    if optimizer != spec.optimizer:
+        raise ValueError(
+            f"the checkpoint in {where} was trained with {optimizer}, not {spec.optimizer}: "
+            f"resume with --optimizer {optimizer}"
+        )
     return dataset, classes
 
 

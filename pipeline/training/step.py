@@ -1,4 +1,4 @@
-"""The optimiser and one optimisation step: SGD with momentum and weight decay, the schedule of
+"""The optimiser and one optimisation step: SGD with momentum or AdamW, weight decay, the schedule of
 ``schedule`` (the warm-up at most one epoch long), optional gradient clipping, bf16 autocast on CUDA."""
 
 from __future__ import annotations
@@ -15,24 +15,23 @@ from .schedule import lr_factor
 
 @dataclass
 class Optimiser:
-    """What one step updates: the trained parameters, the SGD optimizer, its LR scheduler."""
+    """What one step updates: the trained parameters, the optimizer (SGD or AdamW), its LR scheduler."""
 
     params: list[torch.nn.Parameter]
-    optimizer: torch.optim.SGD
+    optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
 
 
 def build_optimiser(model: torch.nn.Module, spec: TrainSpec, world: int, total: int, per_epoch: int) -> Optimiser:
-    """SGD over ``model``'s trainable parameters, scheduled over ``total`` steps of which the first
+    """``spec.optimizer`` over ``model``'s trainable parameters, scheduled over ``total`` steps of which the first
     ``spec.warmup_steps`` (at most one epoch of ``per_epoch``) warm up."""
     warmup = min(spec.warmup_steps, per_epoch)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(
-        params,
-        lr=scaled_lr(spec.lr, spec.batch_size, world),
-        momentum=spec.momentum,
-        weight_decay=spec.weight_decay,
-    )
+    lr = scaled_lr(spec.lr, spec.batch_size, world, spec.optimizer)
+    if spec.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=lr, betas=(spec.momentum, 0.999), weight_decay=spec.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: lr_factor(
