@@ -51,6 +51,7 @@ from pipeline.ingest import ingest_images  # noqa: E402
 from pipeline.jobs import InferenceSpec  # noqa: E402
 
 BACKGROUND_BIAS = 1.0
+TIMELINE: list[dict[str, float]] = []  # per end-to-end run: first shard committed, whole run (seconds)
 COCO_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco" / "val2017_subset" / "images"
 
 
@@ -195,6 +196,7 @@ def end_to_end(
     assert not summary.failed, summary.failed
     steady_images = summary.images - first["images"]
     steady = steady_images / (summary.seconds - first["seconds"]) if steady_images else float("nan")
+    TIMELINE.append({"first_commit_s": first["seconds"], "run_s": summary.seconds, "images": summary.images})
     return summary.images / summary.seconds, steady
 
 
@@ -547,7 +549,8 @@ def efficiency_bench(args: argparse.Namespace, work: Path) -> dict:
             whole, steady = end_to_end(dataset.uri, out_uri, model_uri, 2, 1, args.batch_size)
             runs["whole_run"].append(whole)
             runs["steady_state"].append(steady)
-            print({k: round(v[-1], 2) for k, v in runs.items()}, flush=True)
+            TIMELINE[-1]["stage_s"] = _stage_seconds(out_uri)
+            print({k: round(v[-1], 2) for k, v in runs.items()}, TIMELINE[-1], flush=True)
         ray.shutdown()
     med = {k: median(v) for k, v in runs.items()}
     return {
@@ -565,7 +568,19 @@ def efficiency_bench(args: argparse.Namespace, work: Path) -> dict:
             "steady_state": med["steady_state"] / med["model_only"],
         },
         "runs": runs,
+        "timeline": TIMELINE,
     }
+
+
+def _stage_seconds(out_uri: str) -> dict[str, float]:
+    """The seconds the workers spent per stage (read, decode, detect, write), summed over shards."""
+    from pipeline.outputs import OutputStore
+
+    totals: dict[str, float] = {}
+    for record in OutputStore(out_uri).committed_shards().values():
+        for stage, seconds in record.get("timings", {}).items():
+            totals[stage] = totals.get(stage, 0.0) + seconds
+    return {stage: round(seconds, 2) for stage, seconds in totals.items()}
 
 
 def main() -> None:

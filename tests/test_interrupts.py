@@ -130,6 +130,6 @@ def test_ctrl_c_stops_training_and_resume_continues_it(setup) -> None:
     resumed = subprocess.run([DETECTFLOW, *args, "--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     recipe, steps = resumed.stdout.splitlines()[:2]
-    assert recipe.startswith("recipe      1 worker × 2 images per step") and steps.startswith("steps       16 ")
+    assert recipe.startswith("recipe      AdamW, 1 worker × 2 images per step") and steps.startswith("steps       16 ")
     weights = load_checkpoint(out / "model.pt").state_dict()
     assert all(torch.isfinite(value).all() for value in weights.values() if value.is_floating_point())
