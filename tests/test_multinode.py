@@ -129,7 +129,7 @@ def _model_state(uri: str, s3_server) -> dict[str, torch.Tensor]:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)["state_dict"]
 
 
-def test_synth_train_infer_evaluate_query_on_two_nodes(two_nodes, s3_server, ray_local, tmp_path) -> None:
+def test_synth_train_infer_evaluate_query_on_two_nodes(two_nodes, s3_server, tmp_path) -> None:
     env, cluster = two_nodes["env"], ["--ray-address", two_nodes["address"]]
     options = _options(s3_server)
     bucket = s3_server.new_bucket("twonodes")
@@ -147,10 +147,11 @@ def test_synth_train_infer_evaluate_query_on_two_nodes(two_nodes, s3_server, ray
     trained = _cli([*train[:2], f"{bucket}/model", *train[2:], "--checkpoint-every", "2", *cluster, *options], env)
     outputs.append(trained)
     assert re.search(r"workers\s+2 on 2 nodes", trained), trained[-2000:]
-    # The same job on one node (the session's local cluster: no Ray start-up to pay) learns the same weights.
+    # The same job on one node (a local cluster of the CLI's own) learns the same weights.
     local_env = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
-    one_node = [f"{bucket}/model-one-node", *train[2:], "--checkpoint-every", "2", "--ray-address", ray_local]
-    outputs.append(_cli([*train[:2], *one_node, *options], local_env))
+    outputs.append(
+        _cli([*train[:2], f"{bucket}/model-one-node", *train[2:], "--checkpoint-every", "2", *options], local_env)
+    )
     two, one = (
         _model_state(f"{bucket}/model/model.pt", s3_server),
         _model_state(f"{bucket}/model-one-node/model.pt", s3_server),
