@@ -595,7 +595,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="detectflow-bench-infer-"))
     bench, name = (gpu_bench, "inference_gpu") if args.gpu else (cpu_bench, "inference")
     if args.efficiency:
-        bench, name = efficiency_bench, "inference_efficiency"
+        bench, name = efficiency_bench, "inference_efficiency" + ("" if args.copies == 4 else f"_{args.copies}copies")
     try:
         result = bench(args, work)
     finally:

@@ -239,7 +239,6 @@ class TrainSpec(JobSpec):
         _check(self.lr > 0 and self.warmup_steps >= 0 and self.max_failures >= 0, "lr > 0, warmup_steps ≥ 0")
         _check(0 < self.warmup_factor <= 1, f"warmup_factor must be within (0, 1], not {self.warmup_factor}")
         _check(self.loader_workers >= 0, f"loader_workers must be ≥ 0, not {self.loader_workers}")
-        _check(self.optimizer in ("sgd", "adamw"), f"optimizer must be sgd or adamw, not {self.optimizer!r}")
         _check(self.schedule in ("cosine", "step"), f"schedule must be cosine or step, not {self.schedule!r}")
         _check(all(0 < m < 1 for m in self.lr_milestones), "lr_milestones are fractions of the run, within (0, 1)")
         _normalise_uris(self, "data_uri", "model_out_uri", "val_uri")
@@ -250,10 +249,17 @@ class TrainSpec(JobSpec):
 
         recipe = recipe_for(self.preset)
         batch_size = self.batch_size or recipe.batch_size
+        optimizer = self.optimizer or recipe.optimizer
+        _check(optimizer in ("sgd", "adamw"), f"optimizer must be sgd or adamw, not {optimizer!r}")
+        lr = recipe.lr_for(optimizer)
+        _check(
+            self.lr is not None or lr is not None,
+            f"preset {self.preset}'s recipe has no learning rate for {optimizer}: give one (--lr)",
+        )
         defaults = {
             "batch_size": recipe.batch_size,
-            "optimizer": recipe.optimizer,
-            "lr": recipe.lr,
+            "optimizer": optimizer,
+            "lr": lr,
             "momentum": recipe.momentum,
             "weight_decay": recipe.weight_decay,
             "warmup_steps": recipe.warmup_steps(batch_size, self.workers),

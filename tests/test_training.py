@@ -189,6 +189,10 @@ def test_recipes_fill_what_the_job_leaves_unset_and_scale_with_the_global_batch(
         spec(lr_milestones=(0.5, 1.5))
     with pytest.raises(ValueError, match="optimizer must be sgd or adamw, not 'adam'"):
         spec(optimizer="adam")
+    assert spec(preset="tiny", optimizer="sgd").lr == 0.04, "another optimiser brings its own rate"
+    with pytest.raises(ValueError, match="preset resnet50_fpn's recipe has no learning rate for adamw"):
+        spec(preset="resnet50_fpn", optimizer="adamw")
+    assert spec(preset="resnet50_fpn", optimizer="adamw", lr=1e-4).lr == 1e-4
 
 
 # ------------------------------------------------------------------------------ on Ray Train

@@ -50,6 +50,11 @@ class Recipe:
     epochs: int | None
     source: str
     optimizer: str = "sgd"
+    other_lrs: tuple[tuple[str, float], ...] = ()  # (optimizer, lr per 16 images) for another optimiser
+
+    def lr_for(self, optimizer: str) -> float | None:
+        """The learning rate per 16 images for ``optimizer`` (None: this recipe has none for it)."""
+        return self.lr if optimizer == self.optimizer else dict(self.other_lrs).get(optimizer)
 
     def warmup_steps(self, batch_size: int, workers: int) -> int:
         """The warm-up in steps of ``workers × batch_size`` images."""
@@ -82,6 +87,7 @@ RECIPES = {
         weight_decay=1e-4,
         epochs=10,
         source="tuned on generated shapes (bench/train_defaults.py: AdamW AP50 0.93, SGD at best 0.74)",
+        other_lrs=(("sgd", 0.04),),  # the best SGD rate found (AP50 0.74)
     ),
     "resnet50_fpn": _TORCHVISION,
     "mobilenet_v3_large_fpn": _TORCHVISION,
