@@ -4,13 +4,14 @@ The scheduler (:class:`InferenceRun`, in the driver) decides what runs and what 
 distributor (``pipeline.distributors``: Ray actors on a cluster, or this process) runs shards on
 :class:`~pipeline.worker.ShardWorker` s and reports each attempt. Its steps:
 
-- **plan**: open the dataset, check the output bucket, read the model once for its id, claim the
-  output for this model and its row-changing settings (:func:`output_identity`; another model's
-  output is refused before anything under it changes, or deleted first with ``replace``), queue the
-  shards outside the previous manifest's ledger that are not committed (``OutputStore.plan``: the
-  cost follows the new shards, not the history), write the ``running`` manifest;
-- **start** (beside the plan, on a thread of its own): the distributor's workers, whose processes
-  start, import and load the model while the plan runs;
+- **plan** (on the dataset, opened once before the workers start): check the output bucket, read
+  the model once for its id, claim the output for this model and its row-changing settings
+  (:func:`output_identity`; another model's output is refused before anything under it changes, or
+  deleted first with ``replace``), queue the shards outside the previous manifest's ledger that are
+  not committed (``OutputStore.plan``: the cost follows the new shards, not the history), write the
+  ``running`` manifest;
+- **start** (beside the plan, on a thread of its own): the distributor's workers, at most one per
+  shard, whose processes start, import and load the model while the plan runs;
 - **submit**: keep every worker busy with up to two shards (one on the device, one being fetched
   or written);
 - **handle_result**: count a committed (or meanwhile committed: skipped) shard;
@@ -169,9 +170,10 @@ class InferenceRun:
         )
         with lease:
             self.lease = lease
-            starting = self.start_workers()
+            dataset = open_dataset(self.spec.data_uri, self.spec.storage)
+            starting = self.start_workers(len(dataset.shards))
             try:
-                self.plan()
+                self.plan(dataset)
             except BaseException:
                 starting.add_done_callback(lambda done: done.exception() or done.result().close())
                 raise
@@ -185,26 +187,20 @@ class InferenceRun:
                 raise
             return self.finish()
 
-    def start_workers(self) -> Future[Distributor]:
+    def start_workers(self, num_shards: int) -> Future[Distributor]:
         """The distributor, started on a thread of its own: its worker processes start, import and
         load the model while the plan runs (at most one worker per shard of the dataset)."""
-
-        def start() -> Distributor:
-            shards = len(open_dataset(self.spec.data_uri, self.spec.storage).shards)
-            return start_distributor(self.spec, self.run_id, shards)
-
         prepare_distributor(self.spec)
         starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="start-workers")
         try:
-            return starter.submit(start)
+            return starter.submit(start_distributor, self.spec, self.run_id, num_shards)
         finally:
             starter.shutdown(wait=False)
 
     # ------------------------------------------------------------------------------- steps
 
-    def plan(self) -> None:
+    def plan(self, dataset: Dataset) -> None:
         spec = self.spec
-        dataset = open_dataset(spec.data_uri, spec.storage)
         storage.ensure_bucket(spec.out_uri, spec.storage)
         checkpoint = storage.read_bytes(spec.model_uri, spec.storage)  # fails fast on a missing model
         model_id = model_id_of(checkpoint)

@@ -363,9 +363,9 @@ def test_workers_start_while_the_plan_runs(tmp_path, monkeypatch) -> None:
 
     real_plan = inference.InferenceRun.plan
 
-    def plan(self) -> None:
+    def plan(self, dataset) -> None:
         assert started.wait(30), "the workers are started before the plan ends"
-        real_plan(self)
+        real_plan(self, dataset)
 
     monkeypatch.setattr(inference, "start_distributor", start)
     monkeypatch.setattr(inference.InferenceRun, "plan", plan)
