@@ -790,8 +790,7 @@ class DatasetWriter:
             position = 0 if column == "image_id" else 1  # _keys holds (image_id, source)
             return keyindex.sorted_keys(key[position] for keys in self._keys.values() for key in keys)
         chunks = [piece for chunk in self._index_chunks for piece in chunk.column(column).chunks]
-        keys = pc.drop_null(pa.chunked_array(chunks, pa.string()).combine_chunks())
-        return pc.unique(pc.filter(keys, pc.not_equal(keys, ""))).sort()
+        return keyindex.sorted_keys(pa.chunked_array(chunks, pa.string()))
 
     def _index_runs(self, column: str, keys: pa.Array) -> list[Run]:
         if not len(keys):

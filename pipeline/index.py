@@ -52,9 +52,16 @@ class Run:
         return cls(str(value[0]), int(value[1]))
 
 
-def sorted_keys(values: Iterable[str | None]) -> pa.Array:
-    """Distinct non-null ``values`` as a sorted Arrow string array."""
-    array = pa.array([v for v in values if v], type=pa.string())
+def sorted_keys(values: Iterable[str | None] | pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Distinct non-null, non-empty ``values`` as a sorted Arrow string array (an Arrow array is
+    filtered as a whole, without a Python loop)."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if isinstance(values, pa.Array):
+        array = pc.drop_null(values.cast(pa.string()))
+        array = pc.filter(array, pc.not_equal(array, ""))
+    else:
+        array = pa.array([v for v in values if v], type=pa.string())
     return pc.unique(array).sort() if len(array) else array
 
 
