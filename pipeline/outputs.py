@@ -259,11 +259,9 @@ class OutputStore:
 
     def committed_shards(self) -> dict[str, dict[str, Any]]:
         """Commit records of the committed shards, by shard name (every record: O(all shards);
-        the run's plan uses :meth:`plan` instead)."""
-        names = sorted(self.committed_names())
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            records = pool.map(lambda n: storage.read_json(self.commit_uri(n), self.storage_options), names)
-            return dict(zip(names, records))
+        the run's plan uses :meth:`plan` instead). A record deleted between the listing and its
+        read is left out, as :meth:`records_of` does."""
+        return self.records_of(self.committed_names())
 
     def records_of(self, names: Iterable[str]) -> dict[str, dict[str, Any]]:
         """The commit records of those of ``names`` that are committed (a read per name)."""
@@ -292,11 +290,11 @@ class OutputStore:
         if manifest.get("state") in FINAL_STATES:
             previous = run_path(manifest["run_id"])
         committed = self.committed_names()
-        ledger = Ledger.from_json(manifest["ledger"]) if "ledger" in manifest else None
-        if ledger is None or sum(1 for name in committed if name in ledger) != ledger.totals["shards_committed"]:
-            ledger, unaccounted = Ledger(), committed
-        else:
-            unaccounted = {name for name in committed if name not in ledger}
+        ledger = Ledger.from_json(manifest["ledger"]) if "ledger" in manifest else Ledger()
+        held = {name for name in committed if name in ledger}
+        if len(held) != ledger.totals["shards_committed"]:  # a held shard's record is gone: rebuild
+            ledger, held = Ledger(), set()
+        unaccounted = committed - held
         for name, record in sorted(self.records_of(unaccounted).items()):
             ledger.add(name, record)
         return Plan([name for name in shards if name not in committed], ledger, previous)
