@@ -21,7 +21,7 @@ import uuid
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 from PIL import Image
@@ -29,11 +29,11 @@ from PIL import Image
 from . import storage
 from .dataset import DEFAULT_SHARD_SIZE, Dataset, DatasetWriter
 from .decode import DecodeError, probe
-from .jobs import IngestSpec
+from .jobs import IngestSpec, Listing
 from .lease import Lease, lease_uri
 from .storage import StorageOptions
 
-LISTINGS = ("full", "after-last")
+LISTINGS = get_args(Listing)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 READ_THREADS = 16
 # Read-ahead limits: files fetched or waiting to be consumed at most, and bytes fetched but not yet

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from . import storage
 from .storage_config import StorageConfig
@@ -31,6 +31,7 @@ Amp = Literal["off", "bf16", "fp16"]
 IngestSource = Literal["coco", "images", "synthetic"]
 # How an incremental ingest lists its prefix: all of it, or only what sorts after the last path listed.
 Listing = Literal["full", "after-last"]
+Optimizer = Literal["sgd", "adamw"]
 
 
 def _check(condition: bool, message: str) -> None:
@@ -122,7 +123,7 @@ class IngestSpec(JobSpec):
     def __post_init__(self) -> None:
         _nested(self)
         _check(self.source in ("coco", "images", "synthetic"), f"unknown source {self.source!r}")
-        _check(self.listing in ("full", "after-last"), f"listing must be full or after-last, not {self.listing!r}")
+        _check(self.listing in get_args(Listing), f"listing must be full or after-last, not {self.listing!r}")
         _check(self.source == "synthetic" or bool(self.images_uri), f"source {self.source!r} needs images_uri")
         _check(self.source != "coco" or bool(self.annotations_uri), "source 'coco' needs annotations_uri")
         _check(self.num_images >= 1 and self.shard_size >= 1, "num_images and shard_size must be ≥ 1")
@@ -199,7 +200,7 @@ class TrainSpec(JobSpec):
     epochs: int | None = None
     steps: int | None = None
     batch_size: int | None = None
-    optimizer: Literal["sgd", "adamw"] | None = None
+    optimizer: Optimizer | None = None
     lr: float | None = None
     momentum: float | None = None
     weight_decay: float | None = None
@@ -250,7 +251,7 @@ class TrainSpec(JobSpec):
         recipe = recipe_for(self.preset)
         batch_size = self.batch_size or recipe.batch_size
         optimizer = self.optimizer or recipe.optimizer
-        _check(optimizer in ("sgd", "adamw"), f"optimizer must be sgd or adamw, not {optimizer!r}")
+        _check(optimizer in get_args(Optimizer), f"optimizer must be sgd or adamw, not {optimizer!r}")
         lr = recipe.lr_for(optimizer)
         _check(
             self.lr is not None or lr is not None,
@@ -305,7 +306,7 @@ class DetectNewSpec(JobSpec):
         if isinstance(self.inference, dict):
             object.__setattr__(self, "inference", InferenceSpec(**self.inference))
         _check(self.shard_size >= 1, "shard_size must be ≥ 1")
-        _check(self.listing in ("full", "after-last"), f"listing must be full or after-last, not {self.listing!r}")
+        _check(self.listing in get_args(Listing), f"listing must be full or after-last, not {self.listing!r}")
         _normalise_uris(self, "images_uri")
 
     @property

@@ -87,7 +87,7 @@ def format_progress(record: dict[str, Any]) -> str:
 
 
 def _speed(record: dict[str, Any]) -> str:
-    """images/s per worker end to end (input included), and of the step alone when they differ."""
+    """images/s per worker end to end (input included), and of the step alone."""
     step = record["images_per_s"]
     end_to_end = record.get("end_to_end_images_per_s", step)
     return f"{end_to_end:.1f} images/s per worker (step alone {step:.1f})"
